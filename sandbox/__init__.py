@@ -1,0 +1,1 @@
+"""Simulators and local services that stand in for the outside systems."""

@@ -1,0 +1,5 @@
+"""Installs Digifeeds; the metadata lives in setup.cfg."""
+
+from setuptools import setup
+
+setup()
