@@ -53,3 +53,11 @@ def check_digit_ok(barcode: str) -> bool:
                 digit -= 9
         total += digit
     return (10 - total % 10) % 10 == int(barcode[13])
+
+
+def with_check_digit(first13: str) -> str:
+    """Return the 14-digit barcode made of ``first13`` and its mod-10 check digit."""
+    for digit in "0123456789":
+        if check_digit_ok(first13 + digit):
+            return first13 + digit
+    raise ValueError(f"{first13!r} is not 13 digits")

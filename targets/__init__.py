@@ -1,0 +1,5 @@
+"""Luigi targets of Digifeeds: the status markers in S3."""
+
+from targets.markers import Failure, Marker, MarkerStore, MarkerTarget
+
+__all__ = ["Failure", "Marker", "MarkerStore", "MarkerTarget"]

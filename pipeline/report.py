@@ -1,0 +1,135 @@
+"""What the markers say about every item, read with one listing per status."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+from pipeline.status import Status
+from targets.markers import Failure, MarkerStore
+
+# The statuses of the chain, in order; an item's current status is the last it reached.
+CHAIN = (
+    Status.ZIPPED,
+    Status.NOT_FOUND_IN_ALMA,
+    Status.ADDED_TO_DIGIFEEDS_SET,
+    Status.IN_ZEPHIR,
+    Status.READY_FOR_PICKUP,
+    Status.COPYING_START,
+    Status.COPYING_END,
+    Status.PENDING_DELETION,
+)
+
+# What an item is waiting on, by its current status, when it has no failure.
+WAITING_ON = {
+    None: "zip",
+    Status.ZIPPED: "alma",
+    Status.ADDED_TO_DIGIFEEDS_SET: "zephir",
+    Status.IN_ZEPHIR: "hold",
+}
+
+
+@dataclasses.dataclass
+class Item:
+    """One barcode as the markers describe it."""
+
+    barcode: str
+    reached: dict[Status, dt.datetime] = dataclasses.field(default_factory=dict)
+    failure: Failure | None = None
+
+    @property
+    def current(self) -> Status | None:
+        """The furthest status reached, or None for an item with no status yet."""
+        reached = [s for s in CHAIN if s in self.reached]
+        return reached[-1] if reached else None
+
+    @property
+    def waiting_on(self) -> str | None:
+        """What the item waits on (zip, alma, zephir, hold), or None if it is not waiting."""
+        if self.failure is not None:
+            return None
+        return WAITING_ON.get(self.current)
+
+    def waiting_since(self) -> dt.datetime | None:
+        """When the item started waiting on what it waits on now."""
+        current = self.current
+        return self.reached.get(current) if current else None
+
+
+@dataclasses.dataclass
+class Report:
+    """Every item the markers know, with counts, failures and waits."""
+
+    items: dict[str, Item]
+    taken_at: dt.datetime
+
+    @classmethod
+    def read(cls, store: MarkerStore, *, now: dt.datetime | None = None) -> Report:
+        """Read every marker: one listing request per status and thousand markers."""
+        items: dict[str, Item] = {}
+        for status in CHAIN:
+            for barcode, written in store.barcodes_with(status).items():
+                items.setdefault(barcode, Item(barcode)).reached[status] = written
+        for failure in store.failures():
+            items.setdefault(failure.barcode, Item(failure.barcode)).failure = failure
+        return cls(items, now or dt.datetime.now(dt.UTC))
+
+    def counts(self) -> dict[str, int]:
+        """Count items by current status; failed items count under 'failed'."""
+        counts = {status.value: 0 for status in CHAIN}
+        counts["failed"] = 0
+        for item in self.items.values():
+            if item.failure is not None:
+                counts["failed"] += 1
+            elif item.current is not None:
+                counts[item.current.value] += 1
+        return counts
+
+    def failures(self, barcodes: Iterable[str] | None = None) -> list[Failure]:
+        """Every item's failure (of ``barcodes`` only, if given), oldest first."""
+        chosen = self._chosen(barcodes)
+        found = [i.failure for i in chosen if i.failure is not None]
+        return sorted(found, key=lambda f: f.timestamp)
+
+    def waiting(
+        self,
+        on: str,
+        *,
+        longer_than: dt.timedelta | None = None,
+        barcodes: Iterable[str] | None = None,
+    ) -> dict[str, dt.timedelta]:
+        """Items waiting on ``on`` (zip, alma, zephir, hold), with how long they have waited."""
+        found = {}
+        for item in self._chosen(barcodes):
+            since = item.waiting_since()
+            if item.waiting_on != on or since is None:
+                continue
+            age = self.taken_at - since
+            if longer_than is None or age > longer_than:
+                found[item.barcode] = age
+        return found
+
+    def _chosen(self, barcodes: Iterable[str] | None) -> list[Item]:
+        if barcodes is None:
+            return list(self.items.values())
+        return [self.items.get(b) or Item(b) for b in barcodes]
+
+    def to_json(self, *, waiting_days: float) -> dict[str, Any]:
+        """The report as ``digifeeds report --json`` prints it."""
+        longer = dt.timedelta(days=waiting_days)
+        return {
+            "taken_at": self.taken_at.isoformat(),
+            "counts": self.counts(),
+            "failed": [f.to_json() for f in self.failures()],
+            "not_found_in_alma": sorted(
+                b for b, i in self.items.items() if i.current is Status.NOT_FOUND_IN_ALMA
+            ),
+            "waiting_longer_than_days": waiting_days,
+            "waiting": {
+                on: {b: round(age.total_seconds() / 86400, 2) for b, age in sorted(ages.items())}
+                for on in ("zephir", "hold")
+                for ages in [self.waiting(on, longer_than=longer)]
+            },
+        }

@@ -1,0 +1,298 @@
+"""One run, as cron starts it: discover barcodes, build them in batches, summarise, report."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import luigi
+import luigi.configuration
+from luigi.execution_summary import LuigiStatusCode
+
+from pipeline import config, context, metrics
+from pipeline.barcodes import is_valid
+from pipeline.report import Report
+from pipeline.status import Status
+from pipeline.tasks import Delivered, ZipVolume
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIGURATION = 2
+EXIT_LOCKED = 3
+
+_FAILED_RUNS = {
+    LuigiStatusCode.FAILED,
+    LuigiStatusCode.FAILED_AND_SCHEDULING_FAILED,
+    LuigiStatusCode.SCHEDULING_FAILED,
+}
+
+
+class DigifeedsBatch(luigi.WrapperTask):
+    """A bounded group of barcodes, each built to ``goal``: Delivered or only ZipVolume."""
+
+    barcodes = luigi.ListParameter(description="The barcodes of this batch.")
+    goal = luigi.ChoiceParameter(
+        default="Delivered",
+        choices=("Delivered", "ZipVolume"),
+        description="How far to take each barcode.",
+    )
+
+    def requires(self) -> list[luigi.Task]:
+        task = ZipVolume if self.goal == "ZipVolume" else Delivered
+        return [task(barcode=b) for b in self.barcodes]
+
+
+class DigifeedsRun(luigi.WrapperTask):
+    """Every barcode this host can work on, in batches of ``[digifeeds] batch_size``.
+
+    Scheduling all batches in one build is convenient by hand; cron's
+    ``digifeeds run`` builds one batch at a time, which stays linear in the number
+    of barcodes.
+    """
+
+    def requires(self) -> list[DigifeedsBatch]:
+        cfg = config.digifeeds()
+        found = discover(cfg.host_role)
+        goal = "ZipVolume" if cfg.host_role == "zip" else "Delivered"
+        return [
+            DigifeedsBatch(barcodes=batch, goal=goal)
+            for batch in batches(found.barcodes, cfg.batch_size)
+        ]
+
+
+@dataclasses.dataclass
+class Discovery:
+    """What a run found to work on, and what it found and refused."""
+
+    barcodes: list[str]
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def discover(role: str) -> Discovery:
+    """Find the barcodes this host works on.
+
+    The zipping host: every folder in the input folder. The workflow host: every zip
+    in the S3 input prefix, and every item whose delivery started and did not end.
+    Names that are not barcodes are refused and left where they are.
+    """
+    found: set[str] = set()
+    rejected: dict[str, str] = {}
+    cfg = config.digifeeds()
+    if role in ("zip", "all") and cfg.input_folder:
+        for entry in sorted(Path(cfg.input_folder).iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                rejected[entry.name] = "not a volume folder (a plain file or a link)"
+            elif not is_valid(entry.name):
+                rejected[entry.name] = "folder name is not a barcode (14 digits starting 39015)"
+            else:
+                found.add(entry.name)
+    if role in ("workflow", "all"):
+        prefix = config.s3().input_prefix
+        for item in context.storage().list(prefix):
+            name = item["Key"][len(prefix) :]
+            barcode = name.removesuffix(".zip")
+            if name.endswith(".zip") and is_valid(barcode):
+                found.add(barcode)
+            else:
+                rejected[item["Key"]] = "not a <barcode>.zip in the input prefix"
+        markers = context.markers()
+        started = markers.barcodes_with(Status.COPYING_START)
+        finished = markers.barcodes_with(Status.PENDING_DELETION)
+        found.update(set(started) - set(finished))
+    for name, reason in rejected.items():
+        logger.error("%s: refused: %s", name, reason)
+    return Discovery(sorted(found), rejected)
+
+
+def batches(barcodes: Sequence[str], size: int) -> Iterator[list[str]]:
+    """Split barcodes into lists of at most ``size``."""
+    for start in range(0, len(barcodes), max(1, size)):
+        yield list(barcodes[start : start + size])
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run did, for its summary, its metrics and its exit code."""
+
+    role: str
+    barcodes: list[str]
+    rejected: dict[str, str]
+    started: float
+    finished: float
+    luigi_failed: bool
+    report: Report
+    alma_remaining: int | None = None
+
+    def _since_start(self, when: dt.datetime) -> bool:
+        return when.timestamp() >= self.started - 1
+
+    @property
+    def delivered(self) -> list[str]:
+        return [
+            b
+            for b in self.barcodes
+            if (t := self.report.items.get(b))
+            and Status.PENDING_DELETION in t.reached
+            and self._since_start(t.reached[Status.PENDING_DELETION])
+        ]
+
+    @property
+    def zipped(self) -> list[str]:
+        return [
+            b
+            for b in self.barcodes
+            if (t := self.report.items.get(b))
+            and Status.ZIPPED in t.reached
+            and self._since_start(t.reached[Status.ZIPPED])
+        ]
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """This run's failures: barcode (or refused name) to kind."""
+        failed = {
+            f.barcode: f.kind
+            for f in self.report.failures(self.barcodes)
+            if self._since_start(f.timestamp)
+        }
+        failed.update({name: "refused" for name in self.rejected})
+        return failed
+
+    def waiting(self) -> dict[str, dict[str, dt.timedelta]]:
+        return {
+            on: self.report.waiting(on, barcodes=self.barcodes)
+            for on in ("zip", "alma", "zephir", "hold")
+        }
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.failures and not self.luigi_failed
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.succeeded else EXIT_FAILED
+
+    def summary(self) -> str:
+        """One line an operator reads in cron mail."""
+        waiting = {on: len(ages) for on, ages in self.waiting().items() if ages}
+        kinds = collections.Counter(self.failures.values())
+        parts = [
+            f"{self.role} run: {len(self.barcodes)} barcodes",
+            f"{len(self.zipped)} zipped",
+            f"{len(self.delivered)} delivered",
+            "waiting: " + (", ".join(f"{n} on {on}" for on, n in waiting.items()) or "none"),
+            "failed: " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"),
+            f"in {self.finished - self.started:.1f}s",
+        ]
+        return "; ".join(parts)
+
+    def figures(self) -> metrics.RunFigures:
+        waits = self.report.waiting("zephir") | self.report.waiting("hold")
+        return metrics.RunFigures(
+            role=self.role,
+            started=self.started,
+            finished=self.finished,
+            succeeded=self.succeeded,
+            by_status=self.report.counts(),
+            delivered=len(self.delivered),
+            zipped=len(self.zipped),
+            failures_by_kind=collections.Counter(self.failures.values()),
+            waiting={on: len(ages) for on, ages in self.waiting().items()},
+            oldest_waiting_seconds=max((a.total_seconds() for a in waits.values()), default=0.0),
+            alma_remaining=self.alma_remaining,
+        )
+
+
+class RunLocked(Exception):
+    """Another run on this host holds the lock."""
+
+
+def lock_path() -> Path:
+    """The lock file of this host's runs."""
+    cfg = config.digifeeds()
+    if cfg.lock_file:
+        return Path(cfg.lock_file)
+    base = cfg.working_folder or tempfile.gettempdir()
+    return Path(base) / "digifeeds.lock"
+
+
+def acquire_lock(path: Path) -> IO[str]:
+    """Take the run lock, or raise RunLocked naming the process that holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunLocked(f"another digifeeds run holds {path} (pid {holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def run(*, local_scheduler: bool = False) -> RunResult:
+    """Discover, build every batch, read the outcome from the markers.
+
+    Raises RunLocked when another run holds this host's lock.
+    """
+    cfg = config.digifeeds()
+    role = cfg.host_role
+    handle = acquire_lock(lock_path())
+    try:
+        started = time.time()
+        run_folder = Path(tempfile.mkdtemp(prefix="digifeeds-run-"))
+        os.environ["DIGIFEEDS_RUN_FOLDER"] = str(run_folder)
+        found = discover(role)
+        logger.info("%s run: %d barcodes to work on", role, len(found.barcodes))
+        goal = "ZipVolume" if role == "zip" else "Delivered"
+        luigi_failed = False
+        # Logging is the command's, configured before the run; Luigi leaves it alone.
+        luigi.configuration.get_config().set("core", "no_configure_logging", "true")
+        for number, batch in enumerate(batches(found.barcodes, cfg.batch_size), start=1):
+            logger.info("batch %d: %d barcodes", number, len(batch))
+            result = luigi.build(
+                [DigifeedsBatch(barcodes=batch, goal=goal)],
+                workers=cfg.workers,
+                local_scheduler=local_scheduler,
+                detailed_summary=True,
+            )
+            if result.status in _FAILED_RUNS:
+                luigi_failed = True
+            logger.info("batch %d: %s", number, result.status.name)
+        report = Report.read(context.markers())
+        return RunResult(
+            role=role,
+            barcodes=found.barcodes,
+            rejected=found.rejected,
+            started=started,
+            finished=time.time(),
+            luigi_failed=luigi_failed,
+            report=report,
+            alma_remaining=read_alma_remaining(run_folder),
+        )
+    finally:
+        handle.close()
+
+
+def read_alma_remaining(run_folder: Path) -> int | None:
+    """The last X-Exl-Api-Remaining any worker of this run saw, if any."""
+    try:
+        return int((run_folder / "alma-remaining").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,365 @@
+"""The Luigi tasks: one chain per barcode, each task completing by writing a marker.
+
+    VolumeFolder ─> ZipVolume ─> InAlmaSet ─┐
+                                ZephirRecord ┴> InZephir ─┐
+                                              HoldOver ───┴> ReadyForPickup ─> Delivered
+
+VolumeFolder, ZephirRecord and HoldOver are external: they are what the run waits
+on (a settled volume folder on this host, Zephir's record, the end of the hold). A
+chain that waits on one of them is pending, not failed, and the run exits 0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import luigi
+
+from pipeline import config, context
+from pipeline.barcodes import validate
+from pipeline.errors import BarcodeNotInAlmaError, DigifeedsError, VolumeError
+from pipeline.status import Status
+from pipeline.volume import inspect_volume, last_change, snapshot, write_zip
+from targets.markers import MarkerTarget, utc_now
+
+logger = logging.getLogger(__name__)
+
+
+class BarcodeParameter(luigi.Parameter):
+    """A barcode, validated before any task uses it as a key or a file name."""
+
+    def normalize(self, x: Any) -> str:
+        return validate(str(x))
+
+
+def zip_key(barcode: str) -> str:
+    """The S3 key of a barcode's zip while it waits for delivery."""
+    return f"{config.s3().input_prefix}{barcode}.zip"
+
+
+def processed_key(barcode: str) -> str:
+    """The S3 key of a barcode's zip once delivered."""
+    return f"{config.s3().processed_prefix}{barcode}.zip"
+
+
+def volume_folder(barcode: str) -> Path | None:
+    """The barcode's volume folder on this host, or None when this host does not zip."""
+    cfg = config.digifeeds()
+    if cfg.host_role == "workflow" or not cfg.input_folder:
+        return None
+    return Path(cfg.input_folder) / barcode
+
+
+def folder_digest(entries: object) -> str:
+    """Return a short fingerprint of a folder snapshot, kept in the ``zipped`` marker."""
+    return hashlib.sha256(json.dumps(entries, default=str).encode()).hexdigest()
+
+
+class Progress:
+    """Reports a long step's progress to the scheduler's web UI, at most once a second."""
+
+    def __init__(self, task: luigi.Task, step: str) -> None:
+        self.task = task
+        self.step = step
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0 and done < total:
+            return
+        self.last = now
+        percent = int(100 * done / total) if total else 100
+        self.task.set_status_message(f"{self.step}: {done:,} of {total:,} bytes")
+        self.task.set_progress_percentage(percent)
+
+
+class MarkerTask(luigi.Task):
+    """A task of one barcode's chain; done once its status marker exists."""
+
+    barcode = BarcodeParameter(description="The item's barcode (14 digits).")
+    status: ClassVar[Status]
+
+    def output(self) -> MarkerTarget:
+        return MarkerTarget(context.markers(), self.barcode, self.status)
+
+    def record(self, status: Status | None = None, **details: Any) -> None:
+        """Record this task's status (or ``status``) for the barcode."""
+        context.markers().record(self.barcode, status or self.status, **details)
+
+    def on_success(self) -> None:
+        context.markers().clear_failure(self.barcode, self.task_family)
+
+    def on_failure(self, exception: BaseException) -> str:
+        """Keep the failure in the barcode's failure record; the UI shows the same message."""
+        logger.error("%s: %s failed: %s", self.barcode, self.task_family, exception)
+        try:
+            context.markers().record_failure(self.barcode, self.task_family, exception)
+        except DigifeedsError as exc:
+            logger.error("%s: cannot record the failure: %s", self.barcode, exc)
+        if isinstance(exception, DigifeedsError):
+            return str(exception)
+        return f"{type(exception).__name__}: {exception}"
+
+
+@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
+def _record_broken(task: luigi.Task, exception: BaseException) -> None:
+    """Record a failed completion check (Zephir down, say) as the barcode's failure."""
+    barcode = getattr(task, "barcode", None)
+    if barcode:
+        logger.error("%s: %s could not be checked: %s", barcode, task.task_family, exception)
+        try:
+            context.markers().record_failure(barcode, task.task_family, exception)
+        except DigifeedsError as exc:
+            logger.error("%s: cannot record the failure: %s", barcode, exc)
+
+
+class SettledFolder(luigi.Target):
+    """A volume folder that exists and has not changed for the settling time."""
+
+    def __init__(self, path: Path | None, settle_seconds: float) -> None:
+        self.path = path
+        self.settle_seconds = settle_seconds
+
+    def exists(self) -> bool:
+        if self.path is None or not self.path.is_dir() or self.path.is_symlink():
+            return False
+        return time.time() - last_change(self.path) >= self.settle_seconds
+
+
+class VolumeFolder(luigi.ExternalTask):
+    """The scanned volume folder, once it has settled in the input folder of this host."""
+
+    barcode = BarcodeParameter(description="The item's barcode (14 digits).")
+
+    def output(self) -> SettledFolder:
+        settle = config.digifeeds().settle_minutes * 60
+        return SettledFolder(volume_folder(self.barcode), settle)
+
+
+class ZipVolume(MarkerTask):
+    """Zip a verified volume into the S3 input prefix, then retire the volume folder.
+
+    The input folder is only read until the zip is verified in S3, copied with the
+    folder to the processed folder and the ``zipped`` marker is written; only then is
+    it deleted. A failure at any point leaves it as it was.
+    """
+
+    status = Status.ZIPPED
+
+    def requires(self) -> VolumeFolder:
+        return VolumeFolder(barcode=self.barcode)
+
+    def complete(self) -> bool:
+        # Done once zipped, and, on the host that zips, once the input folder is retired.
+        folder = volume_folder(self.barcode)
+        retired = folder is None or not folder.exists()
+        return retired and super().complete()
+
+    def run(self) -> None:
+        folder = volume_folder(self.barcode)
+        assert folder is not None, "VolumeFolder is complete only where the input folder is"
+        # A crash after the marker but before the deletion leaves only the deletion to do.
+        zipped = context.markers().read(self.barcode, Status.ZIPPED)
+        details = self.zip_and_upload(folder) if zipped is None else zipped.details
+        self.retire(folder, details)
+
+    def working_folder(self) -> Path:
+        cfg = config.digifeeds()
+        return Path(cfg.working_folder) / f"{self.barcode}.working"
+
+    def zip_and_upload(self, folder: Path) -> dict[str, Any]:
+        """Verify and zip the volume, upload the zip, keep copies; return the marker details."""
+        cfg = config.digifeeds()
+        before = snapshot(folder)
+        work = self.working_folder()
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            # Verify page order and fixity.
+            self.set_status_message("verifying page images")
+            manifest = inspect_volume(folder, self.barcode)
+            logger.info("%s: verified %d page images", self.barcode, len(manifest.pages))
+
+            # Zip, then re-read the zip.
+            zip_path = work / f"{self.barcode}.zip"
+            summary = write_zip(
+                manifest,
+                zip_path,
+                compression=cfg.compression,
+                progress=Progress(self, "zipping"),
+            )
+            logger.info("%s: zipped %d bytes", self.barcode, summary.size)
+            if snapshot(folder) != before:
+                raise VolumeError(
+                    self.barcode, ["the volume folder changed while it was being zipped"]
+                )
+
+            # Upload, checked by S3 and confirmed afterwards.
+            context.storage().upload_verified(
+                zip_path, zip_key(self.barcode), progress=Progress(self, "uploading")
+            )
+            logger.info("%s: uploaded to %s", self.barcode, zip_key(self.barcode))
+
+            # Keep the zip and the folder in the processed folder.
+            self.set_status_message("copying to the processed folder")
+            stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
+            kept = Path(cfg.processed_folder) / f"{self.barcode}_{stamp}"
+            kept.mkdir(parents=True)
+            shutil.copy2(zip_path, kept / zip_path.name)
+            shutil.copytree(folder, kept / self.barcode, symlinks=True)
+            logger.info("%s: kept a copy in %s", self.barcode, kept)
+
+            details = {
+                "zip_size": summary.size,
+                "zip_md5": summary.md5,
+                "pages": summary.page_count,
+                "warnings": manifest.warnings,
+                "processed_copy": str(kept),
+                "folder_digest": folder_digest(before),
+            }
+            self.record(**details)
+            return details
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def retire(self, folder: Path, details: dict[str, Any]) -> None:
+        """Delete the input folder, if it is still exactly the folder that was zipped."""
+        if not folder.exists():
+            return
+        if folder_digest(snapshot(folder)) != details.get("folder_digest"):
+            raise VolumeError(
+                self.barcode,
+                [
+                    "the volume was already zipped, but the folder in the input folder "
+                    "differs from the one zipped; it is left in place for a person to check"
+                ],
+            )
+        shutil.rmtree(folder)
+        logger.info("%s: deleted the input folder %s", self.barcode, folder)
+
+
+class InAlmaSet(MarkerTask):
+    """Add the barcode to the Digifeeds set in Alma."""
+
+    status = Status.ADDED_TO_DIGIFEEDS_SET
+
+    def requires(self) -> ZipVolume:
+        return ZipVolume(barcode=self.barcode)
+
+    def run(self) -> None:
+        result = context.alma().add_members([self.barcode])
+        if self.barcode in result.not_found:
+            context.markers().record(self.barcode, Status.NOT_FOUND_IN_ALMA)
+            raise BarcodeNotInAlmaError("not found in Alma (60120)", barcode=self.barcode)
+        already = self.barcode in result.already_in_set
+        logger.info(
+            "%s: %s the Digifeeds set",
+            self.barcode,
+            "already in" if already else "added to",
+        )
+        self.record(already_in_set=already)
+
+
+class ZephirRecord(luigi.ExternalTask):
+    """Zephir's record ``mdp.<barcode>``; until it appears, the chain waits."""
+
+    barcode = BarcodeParameter(description="The item's barcode (14 digits).")
+
+    def complete(self) -> bool:
+        if context.markers().exists(self.barcode, Status.IN_ZEPHIR):
+            return True
+        found = context.zephir().has_record(self.barcode)
+        if not found:
+            logger.info("%s: not in Zephir yet; waiting", self.barcode)
+        return found
+
+
+class InZephir(MarkerTask):
+    """Record the first time the barcode was seen in Zephir."""
+
+    status = Status.IN_ZEPHIR
+
+    def requires(self) -> list[luigi.Task]:
+        return [InAlmaSet(barcode=self.barcode), ZephirRecord(barcode=self.barcode)]
+
+    def run(self) -> None:
+        self.record()
+
+
+def hold_over(in_zephir_at: dt.datetime, hold_days: float, now: dt.datetime) -> bool:
+    """Tell whether an item first seen in Zephir at ``in_zephir_at`` is out of its hold."""
+    return now - in_zephir_at >= dt.timedelta(days=hold_days)
+
+
+class HoldOver(luigi.ExternalTask):
+    """The end of the hold: the item has been in Zephir for the hold period."""
+
+    barcode = BarcodeParameter(description="The item's barcode (14 digits).")
+
+    def complete(self) -> bool:
+        hold_days = config.digifeeds().hold_days
+        if hold_days <= 0:
+            # No hold: over as soon as InZephir, which ReadyForPickup also requires, is done.
+            return True
+        marker = context.markers().read(self.barcode, Status.IN_ZEPHIR)
+        if marker is None:
+            return False
+        over = hold_over(marker.timestamp, hold_days, utc_now())
+        if not over:
+            logger.info("%s: in Zephir since %s; holding", self.barcode, marker.timestamp)
+        return over
+
+
+class ReadyForPickup(MarkerTask):
+    """Record that the item has been in Zephir for the hold period."""
+
+    status = Status.READY_FOR_PICKUP
+
+    def requires(self) -> list[luigi.Task]:
+        return [InZephir(barcode=self.barcode), HoldOver(barcode=self.barcode)]
+
+    def run(self) -> None:
+        self.record(hold_days=config.digifeeds().hold_days)
+
+
+class Delivered(MarkerTask):
+    """Copy the zip to the SFTP pickup, then move it to the processed prefix in S3."""
+
+    status = Status.PENDING_DELETION
+
+    def requires(self) -> ReadyForPickup:
+        return ReadyForPickup(barcode=self.barcode)
+
+    def run(self) -> None:
+        markers = context.markers()
+        storage = context.storage()
+        source, destination = zip_key(self.barcode), processed_key(self.barcode)
+
+        # Copy to the pickup, unless an earlier run finished the copy.
+        self.record(Status.COPYING_START)
+        if not markers.exists(self.barcode, Status.COPYING_END):
+            # After a crash between the move and its marker, the zip is already moved.
+            key = source if storage.exists(source) else destination
+            self.set_status_message(f"copying {storage.url(key)} to the pickup")
+            self.copy_to_pickup(key)
+            self.record(Status.COPYING_END)
+
+        # Move the zip to the processed prefix.
+        storage.move(source, destination)
+        logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
+        self.record()
+
+    def copy_to_pickup(self, key: str) -> None:
+        """Stream the zip from S3 to the pickup server."""
+        with context.storage().open(key) as (body, size):
+            context.pickup().deliver(
+                body, size, self.barcode, progress=Progress(self, "copying to the pickup")
+            )
+        logger.info("%s: delivered to the pickup", self.barcode)

@@ -1,0 +1,74 @@
+"""Helpers the tests share: looking behind the pipeline, running its commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+
+from sandbox.services import Sandbox
+from sandbox.volumes import sample_barcodes
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(
+    os.environ.get("DIGIFEEDS_FIXTURES", REPO.parent / "shared" / "fixtures" / "volumes")
+)
+
+_barcode_numbers = itertools.count(1000)
+
+
+def new_barcodes(count: int) -> list[str]:
+    """Barcodes no other test of this session uses."""
+    return sample_barcodes(count, start=next(_barcode_numbers) * 100)
+
+
+def s3_client(sandbox: Sandbox):  # type: ignore[no-untyped-def]
+    """A plain boto3 client on the sandbox's S3 server, for looking behind the pipeline."""
+    return boto3.client(
+        "s3",
+        endpoint_url=sandbox.url("s3"),
+        aws_access_key_id="sandbox",
+        aws_secret_access_key="sandbox",
+        region_name="us-east-1",
+    )
+
+
+def digifeeds(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``digifeeds`` command from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def history(barcode: str) -> list[str]:
+    """The statuses recorded for ``barcode``, oldest first, read with ``digifeeds status``."""
+    answer = digifeeds("status", "--json", barcode)
+    assert answer.returncode == 0, answer.stderr
+    return [m["status"] for m in json.loads(answer.stdout)["history"]]
+
+
+def failure(barcode: str) -> dict[str, str] | None:
+    """The barcode's failure record, read with ``digifeeds status``."""
+    answer = digifeeds("status", "--json", barcode)
+    assert answer.returncode == 0, answer.stderr
+    return json.loads(answer.stdout)["failure"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes, to show a folder is untouched."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }

@@ -1,0 +1,302 @@
+"""End to end: `digifeeds run` against the sandbox, through every branch of the process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+from helpers import FIXTURES, REPO, digifeeds, failure, history, new_barcodes, s3_client, snapshot
+
+from sandbox.alma_sim import AlmaControl
+from sandbox.services import BUCKET, Sandbox
+from sandbox.volumes import make_volume
+from sandbox.zephir_sim import ZephirControl
+
+DELIVERED = [
+    "zipped",
+    "added_to_digifeeds_set",
+    "in_zephir",
+    "ready_for_pickup",
+    "copying_start",
+    "copying_end",
+    "pending_deletion",
+]
+
+
+@pytest.fixture
+def alma(clean: Sandbox) -> AlmaControl:
+    control = AlmaControl(clean.url("alma"))
+    control.reset()
+    return control
+
+
+@pytest.fixture
+def zephir(clean: Sandbox) -> ZephirControl:
+    control = ZephirControl(clean.url("zephir"))
+    control.reset()
+    return control
+
+
+def keys(sandbox: Sandbox, prefix: str) -> set[str]:
+    listing = s3_client(sandbox).list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"] for o in listing.get("Contents", [])}
+
+
+def test_generated_volumes_are_delivered_and_a_rerun_runs_nothing(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    barcodes = new_barcodes(3)
+    for barcode in barcodes:
+        make_volume(clean.input, barcode, pages=3)
+
+    first = digifeeds("run")
+
+    assert first.returncode == 0, first.stderr
+    assert "3 zipped; 3 delivered" in first.stdout
+    for barcode in barcodes:
+        delivered = clean.pickup / f"{barcode}.zip"
+        with zipfile.ZipFile(delivered) as archive:
+            assert archive.testzip() is None
+            assert sorted(archive.namelist()) == [
+                "00000001.tif",
+                "00000002.jp2",
+                "00000003.tif",
+                "checksum.md5",
+            ]
+        assert history(barcode) == DELIVERED
+        assert not (clean.input / barcode).exists()
+    assert keys(clean, "input/") == set()
+    assert keys(clean, "processed/") == {f"processed/{b}.zip" for b in barcodes}
+    assert sorted(alma.members()) == sorted(barcodes)
+
+    calls_before = len(alma.requests())
+    markers_before = s3_client(clean).list_objects_v2(Bucket=BUCKET, Prefix="state/")["Contents"]
+    second = digifeeds("run")
+
+    assert second.returncode == 0, second.stderr
+    assert "0 barcodes" in second.stdout
+    assert len(alma.requests()) == calls_before
+    markers_after = s3_client(clean).list_objects_v2(Bucket=BUCKET, Prefix="state/")["Contents"]
+    assert markers_after == markers_before
+
+
+def test_real_volumes_deliver_the_valid_four_and_reject_the_bad_checksums(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    for volume in FIXTURES.iterdir():
+        shutil.copytree(volume, clean.input / volume.name)
+    bad = clean.input / "39015004074095"
+    before = snapshot(bad)
+
+    result = digifeeds("run")
+
+    assert result.returncode == 1
+    assert "4 delivered" in result.stdout
+    for barcode in ("39015012078393", "39015058510069", "39015039746220", "39015048895836"):
+        assert (clean.pickup / f"{barcode}.zip").exists()
+        assert history(barcode) == DELIVERED
+    assert snapshot(bad) == before
+    assert not (clean.pickup / "39015004074095.zip").exists()
+    assert "input/39015004074095.zip" not in keys(clean, "input/")
+    recorded = failure("39015004074095")
+    assert recorded is not None
+    assert recorded["kind"] == "bad_volume"
+    for name in ("00000001.tif", "00000002.jp2"):
+        assert name in recorded["message"]
+    assert "39015004074095" in result.stderr
+    assert "00000002.jp2" in result.stderr
+
+
+def test_a_barcode_not_in_alma_fails_once_recorded_and_goes_through_when_added(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    missing, present = new_barcodes(2)
+    make_volume(clean.input, missing)
+    make_volume(clean.input, present)
+    alma.mark_missing(missing)
+
+    first = digifeeds("run")
+    second = digifeeds("run")
+
+    assert first.returncode == 1 and second.returncode == 1
+    assert history(missing) == ["zipped", "not_found_in_alma"]
+    assert (failure(missing) or {})["kind"] == "not_found_in_alma"
+    assert f"{missing}: failed (not_found_in_alma)" in second.stderr
+    assert history(present) == DELIVERED
+
+    alma.mark_present(missing)
+    third = digifeeds("run")
+
+    assert third.returncode == 0, third.stderr
+    assert history(missing) == ["zipped", "not_found_in_alma", *DELIVERED[1:]]
+    assert failure(missing) is None
+
+
+def test_a_barcode_already_in_the_set_counts_as_added(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    alma.add_members(barcode)
+
+    result = digifeeds("run")
+
+    assert result.returncode == 0, result.stderr
+    assert history(barcode) == DELIVERED
+    status = json.loads(digifeeds("status", "--json", barcode).stdout)
+    added = next(m for m in status["history"] if m["status"] == "added_to_digifeeds_set")
+    assert added["details"] == {"already_in_set": True}
+
+
+def test_a_barcode_not_yet_in_zephir_waits_and_the_run_succeeds(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    zephir.mark_absent(barcode)
+
+    first = digifeeds("run")
+
+    assert first.returncode == 0, first.stderr
+    assert "1 on zephir" in first.stdout
+    assert history(barcode) == ["zipped", "added_to_digifeeds_set"]
+    assert failure(barcode) is None
+
+    zephir.mark_present(barcode)
+    second = digifeeds("run")
+
+    assert second.returncode == 0, second.stderr
+    assert history(barcode) == DELIVERED
+
+
+def test_a_barcode_inside_its_hold_waits_and_is_delivered_once_the_hold_is_over(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+
+    first = digifeeds("run", "--hold-days", "14")
+
+    assert first.returncode == 0, first.stderr
+    assert "1 on hold" in first.stdout
+    assert history(barcode) == ["zipped", "added_to_digifeeds_set", "in_zephir"]
+
+    # A hold of a hundredth of a second is over by the next run.
+    second = digifeeds("run", "--hold-days", "0.0000001")
+
+    assert second.returncode == 0, second.stderr
+    assert history(barcode) == DELIVERED
+
+
+def test_the_luigi_command_delivers_one_barcode_through_the_central_scheduler(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    barcode, other = new_barcodes(2)
+    make_volume(clean.input, barcode)
+    make_volume(clean.input, other)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "luigi", "--module", "pipeline", "Delivered", "--barcode", barcode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (clean.pickup / f"{barcode}.zip").exists()
+    assert not (clean.pickup / f"{other}.zip").exists()
+    assert history(barcode) == DELIVERED
+    answer = requests.get(
+        f"{clean.url('luigid')}/api/task_list",
+        params={"data": json.dumps({"status": "DONE", "upstream_status": "", "search": barcode})},
+        timeout=10,
+    ).json()["response"]
+    families = {task["name"] for task in answer.values()}
+    assert {"ZipVolume", "InAlmaSet", "InZephir", "ReadyForPickup", "Delivered"} <= families
+
+
+def test_the_luigi_command_fails_with_a_nonzero_exit_when_a_task_fails(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    alma.mark_missing(barcode)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "luigi", "--module", "pipeline", "Delivered", "--barcode", barcode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 30, result.stderr
+
+
+def test_an_invalid_barcode_is_refused_before_use(clean: Sandbox) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "luigi",
+            "--module",
+            "pipeline",
+            "Delivered",
+            "--barcode",
+            "../../etc/passwd",
+            "--local-scheduler",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "not a valid barcode" in result.stderr + result.stdout
+
+
+def test_status_prints_the_history_with_times(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    digifeeds("run")
+
+    shown = digifeeds("status", barcode)
+
+    assert shown.returncode == 0
+    lines = shown.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == DELIVERED
+    times = [dt.datetime.fromisoformat(line.split()[0]) for line in lines]
+    assert times == sorted(times)
+    assert all(t.tzinfo is not None and t.utcoffset() == dt.timedelta(0) for t in times)
+
+
+def test_a_plain_file_and_a_bad_folder_name_are_refused_and_left_in_place(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    (clean.input / "notes.txt").write_text("scanner notes")
+    make_volume(clean.input, "39015 bad name")
+
+    result = digifeeds("run")
+
+    assert result.returncode == 1
+    assert history(barcode) == DELIVERED
+    assert (clean.input / "notes.txt").read_text() == "scanner notes"
+    assert (clean.input / "39015 bad name" / "checksum.md5").exists()
+    assert "39015 bad name: refused" in result.stderr
+    assert Path(clean.input / "notes.txt").exists()
