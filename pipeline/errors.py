@@ -106,3 +106,9 @@ class HostKeyError(PickupError):
     """The pickup server's host key is unknown or has changed."""
 
     kind = "pickup_host_key"
+
+
+class VolumeChangedError(VolumeError):
+    """A volume folder changed while it was being zipped; zip it again once it settles."""
+
+    kind = "volume_changed"

@@ -24,7 +24,7 @@ import luigi
 
 from pipeline import config, context
 from pipeline.barcodes import validate
-from pipeline.errors import BarcodeNotInAlmaError, DigifeedsError, VolumeError
+from pipeline.errors import BarcodeNotInAlmaError, DigifeedsError, VolumeChangedError, VolumeError
 from pipeline.status import Status
 from pipeline.volume import inspect_volume, last_change, snapshot, write_zip
 from targets.markers import MarkerTarget, utc_now
@@ -76,8 +76,20 @@ class Progress:
             return
         self.last = now
         percent = int(100 * done / total) if total else 100
-        self.task.set_status_message(f"{self.step}: {done:,} of {total:,} bytes")
-        self.task.set_progress_percentage(percent)
+        show(self.task, f"{self.step}: {done:,} of {total:,} bytes", percent)
+
+
+def show(task: luigi.Task, message: str, percent: int | None = None) -> None:
+    """Show a status message (and a percentage) in the web UI, when a worker runs the task.
+
+    Luigi's worker installs these callbacks on the task only while it runs it.
+    """
+    set_message = getattr(task, "set_status_message", None)
+    set_percent = getattr(task, "set_progress_percentage", None)
+    if set_message:
+        set_message(message)
+    if set_percent and percent is not None:
+        set_percent(percent)
 
 
 class MarkerTask(luigi.Task):
@@ -89,7 +101,7 @@ class MarkerTask(luigi.Task):
     def output(self) -> MarkerTarget:
         return MarkerTarget(context.markers(), self.barcode, self.status)
 
-    def record(self, status: Status | None = None, **details: Any) -> None:
+    def record(self, status: Status | None = None, /, **details: Any) -> None:
         """Record this task's status (or ``status``) for the barcode."""
         context.markers().record(self.barcode, status or self.status, **details)
 
@@ -183,7 +195,7 @@ class ZipVolume(MarkerTask):
         work.mkdir(parents=True)
         try:
             # Verify page order and fixity.
-            self.set_status_message("verifying page images")
+            show(self, "verifying page images")
             manifest = inspect_volume(folder, self.barcode)
             logger.info("%s: verified %d page images", self.barcode, len(manifest.pages))
 
@@ -197,7 +209,7 @@ class ZipVolume(MarkerTask):
             )
             logger.info("%s: zipped %d bytes", self.barcode, summary.size)
             if snapshot(folder) != before:
-                raise VolumeError(
+                raise VolumeChangedError(
                     self.barcode, ["the volume folder changed while it was being zipped"]
                 )
 
@@ -208,7 +220,7 @@ class ZipVolume(MarkerTask):
             logger.info("%s: uploaded to %s", self.barcode, zip_key(self.barcode))
 
             # Keep the zip and the folder in the processed folder.
-            self.set_status_message("copying to the processed folder")
+            show(self, "copying to the processed folder")
             stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
             kept = Path(cfg.processed_folder) / f"{self.barcode}_{stamp}"
             kept.mkdir(parents=True)
@@ -347,7 +359,7 @@ class Delivered(MarkerTask):
         if not markers.exists(self.barcode, Status.COPYING_END):
             # After a crash between the move and its marker, the zip is already moved.
             key = source if storage.exists(source) else destination
-            self.set_status_message(f"copying {storage.url(key)} to the pickup")
+            show(self, f"copying {storage.url(key)} to the pickup")
             self.copy_to_pickup(key)
             self.record(Status.COPYING_END)
 
