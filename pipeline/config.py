@@ -122,10 +122,6 @@ class alma(luigi.Config):
         default=10.0,
         description="Client-side limit on Alma calls per second, shared by all workers of a host.",
     )
-    batch_size = luigi.IntParameter(
-        default=50,
-        description="Barcodes per add_members call (at most 1000).",
-    )
 
 
 class zephir(luigi.Config):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +21,8 @@ from pipeline.zephir import ZephirClient
 from targets.markers import MarkerStore
 
 T = TypeVar("T")
+
+RUN_FOLDER_VARIABLE = "DIGIFEEDS_RUN_FOLDER"
 
 _cache: dict[tuple[int, str], object] = {}
 
@@ -60,14 +63,28 @@ def markers() -> MarkerStore:
 
 
 def run_folder() -> Path:
-    """A folder for what the workers of one run share on this host (rate limit, flags)."""
-    path = os.environ.get("DIGIFEEDS_RUN_FOLDER")
+    """A folder for what the workers of one run share on this host (rate limit, flags).
+
+    ``digifeeds run`` makes one per run; any other process makes its own on first use
+    and hands it down to the workers it forks through the environment.
+    """
+    path = os.environ.get(RUN_FOLDER_VARIABLE)
     if not path:
-        base = config.digifeeds().working_folder or os.environ.get("TMPDIR", "/tmp")  # noqa: S108
-        path = os.path.join(base, "digifeeds-run")
+        path = tempfile.mkdtemp(prefix="digifeeds-run-")
+        os.environ[RUN_FOLDER_VARIABLE] = path
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def alma_stop_file() -> Path:
+    """Written when Alma refused the key, the set or the quota: no more calls this run."""
+    return run_folder() / "alma-stopped"
+
+
+def alma_remaining_file() -> Path:
+    """Holds the last X-Exl-Api-Remaining any worker of this run saw."""
+    return run_folder() / "alma-remaining"
 
 
 def alma() -> AlmaClient:

@@ -112,3 +112,9 @@ class VolumeChangedError(VolumeError):
     """A volume folder changed while it was being zipped; zip it again once it settles."""
 
     kind = "volume_changed"
+
+
+class AlmaStoppedError(AlmaError):
+    """Alma calls were stopped earlier in this run; the barcode is left for the next run."""
+
+    kind = "alma_stopped"

@@ -8,6 +8,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -257,7 +258,7 @@ def run(*, local_scheduler: bool = False) -> RunResult:
     try:
         started = time.time()
         run_folder = Path(tempfile.mkdtemp(prefix="digifeeds-run-"))
-        os.environ["DIGIFEEDS_RUN_FOLDER"] = str(run_folder)
+        os.environ[context.RUN_FOLDER_VARIABLE] = str(run_folder)
         found = discover(role)
         logger.info("%s run: %d barcodes to work on", role, len(found.barcodes))
         goal = "ZipVolume" if role == "zip" else "Delivered"
@@ -265,6 +266,15 @@ def run(*, local_scheduler: bool = False) -> RunResult:
         # Logging is the command's, configured before the run; Luigi leaves it alone.
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
         for number, batch in enumerate(batches(found.barcodes, cfg.batch_size), start=1):
+            if goal == "Delivered" and context.alma_stop_file().exists():
+                # Alma refused us: the other barcodes are only zipped, or left alone.
+                logger.error(
+                    "Alma calls stopped for the rest of this run: %s",
+                    context.alma_stop_file().read_text(),
+                )
+                if role == "workflow":
+                    break
+                goal = "ZipVolume"
             logger.info("batch %d: %d barcodes", number, len(batch))
             result = luigi.build(
                 [DigifeedsBatch(barcodes=batch, goal=goal)],
@@ -284,15 +294,17 @@ def run(*, local_scheduler: bool = False) -> RunResult:
             finished=time.time(),
             luigi_failed=luigi_failed,
             report=report,
-            alma_remaining=read_alma_remaining(run_folder),
+            alma_remaining=read_alma_remaining(),
         )
     finally:
         handle.close()
+        shutil.rmtree(run_folder, ignore_errors=True)
+        os.environ.pop(context.RUN_FOLDER_VARIABLE, None)
 
 
-def read_alma_remaining(run_folder: Path) -> int | None:
+def read_alma_remaining() -> int | None:
     """The last X-Exl-Api-Remaining any worker of this run saw, if any."""
     try:
-        return int((run_folder / "alma-remaining").read_text())
+        return int(context.alma_remaining_file().read_text())
     except (OSError, ValueError):
         return None

@@ -21,10 +21,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import luigi
+from luigi.task import flatten
 
 from pipeline import config, context
 from pipeline.barcodes import validate
-from pipeline.errors import BarcodeNotInAlmaError, DigifeedsError, VolumeChangedError, VolumeError
+from pipeline.errors import (
+    AlmaConfigurationError,
+    AlmaQuotaError,
+    AlmaStoppedError,
+    BarcodeNotInAlmaError,
+    DigifeedsError,
+    VolumeChangedError,
+    VolumeError,
+    ZephirError,
+)
 from pipeline.status import Status
 from pipeline.volume import inspect_volume, last_change, snapshot, write_zip
 from targets.markers import MarkerTarget, utc_now
@@ -106,30 +116,28 @@ class MarkerTask(luigi.Task):
         context.markers().record(self.barcode, status or self.status, **details)
 
     def on_success(self) -> None:
-        context.markers().clear_failure(self.barcode, self.task_family)
+        # This task and its requirements are done now: any failure of theirs is over.
+        families = {self.task_family} | {t.task_family for t in flatten(self.requires())}
+        context.markers().clear_failure(self.barcode, families)
 
     def on_failure(self, exception: BaseException) -> str:
         """Keep the failure in the barcode's failure record; the UI shows the same message."""
+        if isinstance(exception, AlmaStoppedError):
+            logger.warning("%s: %s", self.barcode, exception.message)
+            return str(exception)
         logger.error("%s: %s failed: %s", self.barcode, self.task_family, exception)
-        try:
-            context.markers().record_failure(self.barcode, self.task_family, exception)
-        except DigifeedsError as exc:
-            logger.error("%s: cannot record the failure: %s", self.barcode, exc)
+        record_failure(self.barcode, self.task_family, exception)
         if isinstance(exception, DigifeedsError):
             return str(exception)
         return f"{type(exception).__name__}: {exception}"
 
 
-@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
-def _record_broken(task: luigi.Task, exception: BaseException) -> None:
-    """Record a failed completion check (Zephir down, say) as the barcode's failure."""
-    barcode = getattr(task, "barcode", None)
-    if barcode:
-        logger.error("%s: %s could not be checked: %s", barcode, task.task_family, exception)
-        try:
-            context.markers().record_failure(barcode, task.task_family, exception)
-        except DigifeedsError as exc:
-            logger.error("%s: cannot record the failure: %s", barcode, exc)
+def record_failure(barcode: str, task: str, exception: BaseException) -> None:
+    """Keep a failure in the barcode's failure record; a failure to do so is only logged."""
+    try:
+        context.markers().record_failure(barcode, task, exception)
+    except DigifeedsError as exc:
+        logger.error("%s: cannot record the failure: %s", barcode, exc)
 
 
 class SettledFolder(luigi.Target):
@@ -266,7 +274,22 @@ class InAlmaSet(MarkerTask):
         return ZipVolume(barcode=self.barcode)
 
     def run(self) -> None:
-        result = context.alma().add_members([self.barcode])
+        # After a refused key, set or quota, the rest of the run leaves Alma alone.
+        stop = context.alma_stop_file()
+        if stop.exists():
+            raise AlmaStoppedError(
+                f"left for the next run: Alma calls were stopped ({stop.read_text()})",
+                barcode=self.barcode,
+            )
+        client = context.alma()
+        try:
+            result = client.add_members([self.barcode])
+        except (AlmaConfigurationError, AlmaQuotaError) as exc:
+            stop.write_text(str(exc))
+            raise
+        finally:
+            if client.remaining is not None:
+                context.alma_remaining_file().write_text(str(client.remaining))
         if self.barcode in result.not_found:
             context.markers().record(self.barcode, Status.NOT_FOUND_IN_ALMA)
             raise BarcodeNotInAlmaError("not found in Alma (60120)", barcode=self.barcode)
@@ -287,7 +310,13 @@ class ZephirRecord(luigi.ExternalTask):
     def complete(self) -> bool:
         if context.markers().exists(self.barcode, Status.IN_ZEPHIR):
             return True
-        found = context.zephir().has_record(self.barcode)
+        try:
+            found = context.zephir().has_record(self.barcode)
+        except ZephirError as exc:
+            # Luigi reports a failed check only as a missing dependency: record it here.
+            logger.error("%s: cannot check Zephir: %s", self.barcode, exc)
+            record_failure(self.barcode, self.task_family, exc)
+            raise
         if not found:
             logger.info("%s: not in Zephir yet; waiting", self.barcode)
         return found

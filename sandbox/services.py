@@ -234,8 +234,8 @@ class Sandbox:
                 wait_for_port(getattr(self.ports, name), timeout, process)
             except (RuntimeError, TimeoutError) as exc:
                 self.stop()
-                log = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the sandbox's {name} did not start: {exc}\n{log}") from exc
+                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the sandbox's {name} did not start: {exc}\n{tail}") from exc
         if any(name == "sftp" for name, _ in started):
             self._wait_for_file(self.known_hosts, timeout)
         self.create_bucket()

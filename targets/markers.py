@@ -164,10 +164,10 @@ class MarkerStore:
         self.storage.put_json(self.failure_key(barcode), failure.to_json())
         return failure
 
-    def clear_failure(self, barcode: str, task: str) -> None:
-        """Forget the item's failure if it was ``task``'s, now that the task succeeded."""
+    def clear_failure(self, barcode: str, tasks: Iterable[str]) -> None:
+        """Forget the item's failure if it was one of ``tasks``, now that they succeeded."""
         data = self.storage.get_json(self.failure_key(barcode))
-        if data and data.get("task") == task:
+        if data and data.get("task") in set(tasks):
             self.storage.delete(self.failure_key(barcode))
 
     def failure(self, barcode: str) -> Failure | None:

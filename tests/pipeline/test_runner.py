@@ -300,3 +300,59 @@ def test_a_plain_file_and_a_bad_folder_name_are_refused_and_left_in_place(
     assert (clean.input / "39015 bad name" / "checksum.md5").exists()
     assert "39015 bad name: refused" in result.stderr
     assert Path(clean.input / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (400, "UNAUTHORIZED", "alma_configuration"),
+        (400, "60107", "alma_configuration"),
+        (429, "DAILY_THRESHOLD", "alma_quota"),
+    ],
+)
+def test_an_alma_refusal_fails_once_and_leaves_the_other_barcodes_waiting(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl, status: int, code: str, kind: str
+) -> None:
+    barcodes = new_barcodes(3)
+    for barcode in barcodes:
+        make_volume(clean.input, barcode)
+    alma.fault(status=status, code=code, count=None)
+
+    result = digifeeds("run", "--batch-size", "1", "--workers", "1")
+
+    assert result.returncode == 1
+    assert f"failed: 1 {kind}" in result.stdout, result.stderr
+    assert "2 on alma" in result.stdout
+    assert "Alma calls stopped for the rest of this run" in result.stderr
+    calls = [r for r in alma.requests() if "/conf/sets/" in r["path"]]
+    assert len({tuple(r["barcodes"]) for r in calls}) == 1
+    assert all(history(b) == ["zipped"] for b in barcodes)
+
+    alma.clear_faults()
+    again = digifeeds("run")
+
+    assert again.returncode == 0, again.stderr
+    assert all(history(b) == DELIVERED for b in barcodes)
+
+
+def test_a_zephir_outage_is_a_failure_not_a_wait(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    zephir.fault(status=503, count=None)
+
+    result = digifeeds("run")
+
+    assert result.returncode == 1
+    assert history(barcode) == ["zipped", "added_to_digifeeds_set"]
+    recorded = failure(barcode)
+    assert recorded is not None and recorded["kind"] == "zephir"
+    assert "503" in recorded["message"]
+
+    zephir.clear_faults()
+    again = digifeeds("run")
+
+    assert again.returncode == 0, again.stderr
+    assert history(barcode) == DELIVERED
+    assert failure(barcode) is None
