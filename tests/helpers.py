@@ -72,3 +72,22 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+def config_with(path: Path, settings: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Write the test sandbox's configuration plus ``settings`` to ``path``.
+
+    Returns the environment that makes a ``digifeeds`` subprocess read it.
+    """
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.environ["LUIGI_CONFIG_PATH"])
+    for section, values in settings.items():
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in values.items():
+            parser.set(section, key, value)
+    with path.open("w") as out:
+        parser.write(out)
+    return {"LUIGI_CONFIG_PATH": str(path)}
