@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import boto3
 
+from pipeline.storage import Storage
 from sandbox.services import Sandbox
 from sandbox.volumes import sample_barcodes
 
@@ -91,3 +93,14 @@ def config_with(path: Path, settings: dict[str, dict[str, str]]) -> dict[str, st
     with path.open("w") as out:
         parser.write(out)
     return {"LUIGI_CONFIG_PATH": str(path)}
+
+
+def count_requests(storage: Storage) -> collections.Counter[str]:
+    """Count the requests the client sends from now on, by operation."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def on_send(request: object, **kwargs: object) -> None:
+        counts[str(kwargs["event_name"]).split(".")[-1]] += 1
+
+    storage.client.meta.events.register("before-send.s3", on_send)
+    return counts

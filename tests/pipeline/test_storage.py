@@ -1,0 +1,120 @@
+"""The S3 client against moto's S3 server over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import count_requests, new_barcodes
+
+from pipeline.errors import StorageError
+from pipeline.storage import Storage
+from sandbox.services import BUCKET, Sandbox
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def storage(clean: Sandbox) -> Iterator[Storage]:
+    yield Storage(
+        BUCKET,
+        endpoint_url=clean.url("s3"),
+        credentials_file=str(clean.aws_credentials),
+        chunk_size=5 * MIB,
+    )
+
+
+@pytest.mark.parametrize("size", [1000, 5 * MIB, 12 * MIB + 17], ids=["small", "one-part", "multi"])
+def test_upload_verified_stores_the_file_and_confirms_it(
+    storage: Storage, tmp_path: Path, size: int
+) -> None:
+    path = tmp_path / "volume.zip"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    seen: list[tuple[int, int]] = []
+
+    storage.upload_verified(
+        path, "input/x.zip", progress=lambda done, total: seen.append((done, total))
+    )
+
+    with storage.open("input/x.zip") as (body, length):
+        assert length == size
+        assert hashlib.md5(body.read()).digest() == hashlib.md5(data).digest()
+    assert seen[-1] == (size, size)
+
+
+def test_upload_verified_refuses_a_stored_object_that_differs(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "volume.zip"
+    path.write_bytes(b"the zip as it was checked")
+    # The file changes between its checksum and its upload, as a disk fault would do it.
+    checksum = storage._expected_checksum
+    monkeypatch.setattr(
+        storage,
+        "_expected_checksum",
+        lambda p, size: (checksum(p, size), path.write_bytes(b"the zip as it was sent!!!"))[0],
+    )
+
+    with pytest.raises(StorageError, match="does not match"):
+        storage.upload_verified(path, "input/y.zip")
+
+
+def test_exists_costs_one_head_request_for_a_missing_key(storage: Storage) -> None:
+    counts = count_requests(storage)
+
+    assert storage.exists("state/zipped/39015000000000.json") is False
+    assert counts == {"HeadObject": 1}
+
+
+def test_a_key_with_children_does_not_exist(storage: Storage) -> None:
+    storage.put_json("state/zipped/child.json", {"a": 1})
+
+    assert storage.exists("state/zipped") is False
+    assert storage.exists("state/zipped/") is False
+
+
+def test_put_json_only_if_absent_never_replaces(storage: Storage) -> None:
+    assert storage.put_json("k.json", {"first": True}, only_if_absent=True) is True
+    assert storage.put_json("k.json", {"first": False}, only_if_absent=True) is False
+    assert storage.get_json("k.json") == {"first": True}
+
+
+def test_move_is_copy_then_delete_and_safe_to_repeat_after_a_crash(storage: Storage) -> None:
+    (barcode,) = new_barcodes(1)
+    source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
+    storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
+
+    # A crash after the copy, before the delete, leaves both objects.
+    storage.client.copy_object(
+        Bucket=BUCKET, Key=destination, CopySource={"Bucket": BUCKET, "Key": source}
+    )
+    storage.move(source, destination)
+
+    assert not storage.exists(source)
+    with storage.open(destination) as (body, _):
+        assert body.read() == b"zip bytes"
+
+    storage.move(source, destination)  # and once more, after everything is done
+    assert storage.exists(destination)
+
+
+def test_move_of_nothing_is_an_error_naming_the_key(storage: Storage) -> None:
+    with pytest.raises(StorageError, match=r"input/nothing\.zip"):
+        storage.move("input/nothing.zip", "processed/nothing.zip")
+
+
+def test_errors_carry_the_key_and_wrap_botocore(clean: Sandbox) -> None:
+    wrong = Storage(
+        "no-such-bucket-here",
+        endpoint_url=clean.url("s3"),
+        credentials_file=str(clean.aws_credentials),
+        max_attempts=1,
+    )
+
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket-here/k\.json") as raised:
+        wrong.put_json("k.json", {})
+    assert raised.value.__cause__ is not None
