@@ -25,7 +25,7 @@ class RunFigures:
     zipped: int
     failures_by_kind: Mapping[str, int]
     waiting: Mapping[str, int]
-    oldest_waiting_seconds: float
+    oldest_waiting_seconds: Mapping[str, float]
     alma_remaining: int | None = None
 
 
@@ -59,11 +59,14 @@ def build_registry(figures: RunFigures) -> CollectorRegistry:
     )
     for on, count in figures.waiting.items():
         waiting.labels(on).set(count)
-    Gauge(
+    oldest = Gauge(
         "digifeeds_oldest_waiting_seconds",
-        "Age of the longest wait on Zephir or the hold.",
+        "Age of the longest wait, by what is waited on.",
+        ["on"],
         registry=registry,
-    ).set(figures.oldest_waiting_seconds)
+    )
+    for on, seconds in figures.oldest_waiting_seconds.items():
+        oldest.labels(on).set(seconds)
     Gauge("digifeeds_run_duration_seconds", "Wall time of the run.", registry=registry).set(
         figures.finished - figures.started
     )

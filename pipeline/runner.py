@@ -200,7 +200,10 @@ class RunResult:
         return "; ".join(parts)
 
     def figures(self) -> metrics.RunFigures:
-        waits = self.report.waiting("zephir") | self.report.waiting("hold")
+        oldest = {
+            on: max((age.total_seconds() for age in self.report.waiting(on).values()), default=0.0)
+            for on in ("zip", "alma", "zephir", "hold")
+        }
         return metrics.RunFigures(
             role=self.role,
             started=self.started,
@@ -211,7 +214,7 @@ class RunResult:
             zipped=len(self.zipped),
             failures_by_kind=collections.Counter(self.failures.values()),
             waiting={on: len(ages) for on, ages in self.waiting().items()},
-            oldest_waiting_seconds=max((a.total_seconds() for a in waits.values()), default=0.0),
+            oldest_waiting_seconds=oldest,
             alma_remaining=self.alma_remaining,
         )
 
