@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python bench/sftp_delivery.py
 
 clean: stop
 	rm -rf .sandbox
