@@ -8,9 +8,11 @@ import json
 import logging
 import logging.handlers
 import sys
+import warnings
 from collections.abc import Sequence
 
 import luigi.configuration
+import luigi.parameter
 
 from pipeline import config, context, metrics, runner
 from pipeline.barcodes import validate
@@ -75,7 +77,8 @@ def command_run(args: argparse.Namespace) -> int:
             else result.rejected.get(barcode, "")
         )
         logger.error("%s: failed (%s): %s", barcode, kind, message)
-    logger.info("%s", result.summary())
+    if args.log_file:
+        logger.info("%s", result.summary())
     print(result.summary())
     return result.exit_code
 
@@ -184,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # luigi.cfg's [core] keys read by Luigi's RPC client are not parameters of its
+    # `core` section class, and Luigi warns of each on every run.
+    warnings.filterwarnings("ignore", category=luigi.parameter.UnconsumedParameterWarning)
     configure_logging(args.log_file, args.verbose)
     started = dt.datetime.now(dt.UTC)
     try:

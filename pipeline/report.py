@@ -103,10 +103,11 @@ class Report:
         """Items waiting on ``on`` (zip, alma, zephir, hold), with how long they have waited."""
         found = {}
         for item in self._chosen(barcodes):
-            since = item.waiting_since()
-            if item.waiting_on != on or since is None:
+            if item.waiting_on != on:
                 continue
-            age = self.taken_at - since
+            # An item with no status yet (a folder settling) has only just started waiting.
+            since = item.waiting_since()
+            age = self.taken_at - since if since else dt.timedelta(0)
             if longer_than is None or age > longer_than:
                 found[item.barcode] = age
         return found

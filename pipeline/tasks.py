@@ -12,11 +12,15 @@ chain that waits on one of them is pending, not failed, and the run exits 0.
 from __future__ import annotations
 
 import datetime as dt
+import filecmp
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -163,12 +167,37 @@ class VolumeFolder(luigi.ExternalTask):
         return SettledFolder(volume_folder(self.barcode), settle)
 
 
+# The environment variable naming the point where ZipVolume kills its own process.
+CRASH_VARIABLE = "DIGIFEEDS_CRASH_AT"
+
+
+def _crash_point(name: str) -> None:
+    """Kill this process with SIGKILL here, when ``DIGIFEEDS_CRASH_AT`` names this point.
+
+    A fault-injection hook for the crash tests, and nothing else: a real ``kill -9``
+    (no exception, no ``finally``, no cleanup) at a named step of ZipVolume, to show
+    that the next run finishes the job and nothing is lost. The points, in order:
+    ``zipping`` (some but not all of the zip written), ``uploading`` (some but not
+    all of the zip sent to S3; a zip of one upload chunk, 256 KiB, has no such
+    moment), ``uploaded`` (the zip verified in S3, before the processed copy),
+    ``kept`` (after the processed copy, before the ``zipped`` marker), ``zipped``
+    (after the marker, before the deletion) and ``retiring`` (after the first file of
+    the input folder is deleted). Unset in production, it costs one environment
+    lookup per step.
+    """
+    if os.environ.get(CRASH_VARIABLE) == name:
+        logger.warning("%s is %s: killing this process", CRASH_VARIABLE, name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ZipVolume(MarkerTask):
     """Zip a verified volume into the S3 input prefix, then retire the volume folder.
 
     The input folder is only read until the zip is verified in S3, copied with the
     folder to the processed folder and the ``zipped`` marker is written; only then is
-    it deleted. A failure at any point leaves it as it was.
+    it deleted. A failure at any point leaves it as it was, and a crash during the
+    deletion leaves only files that equal their processed copy, which the next run
+    deletes.
     """
 
     status = Status.ZIPPED
@@ -188,16 +217,29 @@ class ZipVolume(MarkerTask):
         # A crash after the marker but before the deletion leaves only the deletion to do.
         zipped = context.markers().read(self.barcode, Status.ZIPPED)
         details = self.zip_and_upload(folder) if zipped is None else zipped.details
+        _crash_point("zipped")
         self.retire(folder, details)
 
     def working_folder(self) -> Path:
         cfg = config.digifeeds()
         return Path(cfg.working_folder) / f"{self.barcode}.working"
 
+    def progress(self, step: str) -> Callable[[int, int], None]:
+        """Report a step's progress, passing the crash point named by the step midway."""
+        shown = Progress(self, step)
+
+        def report(done: int, total: int) -> None:
+            if 0 < done < total:
+                _crash_point(step)
+            shown(done, total)
+
+        return report
+
     def zip_and_upload(self, folder: Path) -> dict[str, Any]:
         """Verify and zip the volume, upload the zip, keep copies; return the marker details."""
         cfg = config.digifeeds()
         before = snapshot(folder)
+        # A crashed run may have left a working folder: it is only ever scratch.
         work = self.working_folder()
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -213,7 +255,7 @@ class ZipVolume(MarkerTask):
                 manifest,
                 zip_path,
                 compression=cfg.compression,
-                progress=Progress(self, "zipping"),
+                progress=self.progress("zipping"),
             )
             logger.info("%s: zipped %d bytes", self.barcode, summary.size)
             if snapshot(folder) != before:
@@ -223,18 +265,24 @@ class ZipVolume(MarkerTask):
 
             # Upload, checked by S3 and confirmed afterwards.
             context.storage().upload_verified(
-                zip_path, zip_key(self.barcode), progress=Progress(self, "uploading")
+                zip_path, zip_key(self.barcode), progress=self.progress("uploading")
             )
             logger.info("%s: uploaded to %s", self.barcode, zip_key(self.barcode))
+            _crash_point("uploaded")
 
-            # Keep the zip and the folder in the processed folder.
+            # Keep the zip and the folder in the processed folder. A copy of the same
+            # second can only be a crashed attempt's, as no marker names it: replace it.
+            # NOTE: a crashed attempt's copy from an earlier second stays, as a spare
+            # beside the copy the marker names; nothing removes it.
             show(self, "copying to the processed folder")
             stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
             kept = Path(cfg.processed_folder) / f"{self.barcode}_{stamp}"
+            shutil.rmtree(kept, ignore_errors=True)
             kept.mkdir(parents=True)
             shutil.copy2(zip_path, kept / zip_path.name)
             shutil.copytree(folder, kept / self.barcode, symlinks=True)
             logger.info("%s: kept a copy in %s", self.barcode, kept)
+            _crash_point("kept")
 
             details = {
                 "zip_size": summary.size,
@@ -250,10 +298,15 @@ class ZipVolume(MarkerTask):
             shutil.rmtree(work, ignore_errors=True)
 
     def retire(self, folder: Path, details: dict[str, Any]) -> None:
-        """Delete the input folder, if it is still exactly the folder that was zipped."""
+        """Delete the input folder, if it holds only what was zipped.
+
+        The folder must be exactly the one zipped, or what an interrupted deletion left
+        of it: files whose bytes equal their copies in the processed folder.
+        """
         if not folder.exists():
             return
-        if folder_digest(snapshot(folder)) != details.get("folder_digest"):
+        unchanged = folder_digest(snapshot(folder)) == details.get("folder_digest")
+        if not unchanged and not self.partly_retired(folder, details):
             raise VolumeError(
                 self.barcode,
                 [
@@ -261,8 +314,28 @@ class ZipVolume(MarkerTask):
                     "differs from the one zipped; it is left in place for a person to check"
                 ],
             )
-        shutil.rmtree(folder)
+
+        # A zipped volume folder is flat: its files, then the folder itself.
+        for path in sorted(folder.iterdir()):
+            path.unlink()
+            _crash_point("retiring")
+        folder.rmdir()
         logger.info("%s: deleted the input folder %s", self.barcode, folder)
+
+    def partly_retired(self, folder: Path, details: dict[str, Any]) -> bool:
+        """Tell whether every file left in ``folder`` equals its copy in the processed folder."""
+        kept = Path(str(details.get("processed_copy", ""))) / self.barcode
+        if not details.get("processed_copy") or not kept.is_dir():
+            return False
+        with os.scandir(folder) as scan:
+            for entry in scan:
+                copy = kept / entry.name
+                if not entry.is_file(follow_symlinks=False) or copy.is_symlink():
+                    return False
+                if not copy.is_file() or not filecmp.cmp(entry.path, copy, shallow=False):
+                    return False
+        logger.info("%s: finishing the deletion of %s, interrupted earlier", self.barcode, folder)
+        return True
 
 
 class InAlmaSet(MarkerTask):

@@ -72,8 +72,8 @@ def command_demo(sandbox: Sandbox, args: argparse.Namespace) -> int:
             print(f"\n=== digifeeds run --hold-days 0 (run {attempt}) ===", flush=True)
             code = subprocess.call(["digifeeds", "run", "--hold-days", "0"])
             if code != 0:
-                print(f"digifeeds run exited {code}", file=sys.stderr)
-                return code
+                # Other folders in the input folder may fail; the demo judges its own.
+                print(f"digifeeds run exited {code}; see `digifeeds report`", file=sys.stderr)
             if all(delivered(b) for b in barcodes):
                 break
             time.sleep(1)

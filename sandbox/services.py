@@ -98,7 +98,7 @@ class Sandbox:
     # Paths the configuration points at.
     @property
     def pickup(self) -> Path:
-        return self.sshd_root / "pickup"
+        return self.root / "pickup"
 
     @property
     def known_hosts(self) -> Path:
@@ -154,6 +154,8 @@ class Sandbox:
                 str(self.sshd_root),
                 "--port",
                 str(self.ports.sftp),
+                "--pickup",
+                str(self.pickup),
             ],
             "luigid": [
                 find_program("luigid"),
@@ -328,7 +330,6 @@ base_url = http://127.0.0.1:{ports.zephir}/api
 
 [pickup]
 port = {ports.sftp}
-directory = {sandbox.pickup}
 known_hosts = {sandbox.known_hosts}
 key_file = {sandbox.client_key}
 

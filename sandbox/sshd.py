@@ -43,8 +43,16 @@ class SshdServer:
     has a password, so tests use it to check that a wrong password is refused.
     """
 
-    def __init__(self, root: Path, port: int = 0, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        pickup_dir: Path | None = None,
+    ) -> None:
         self.root = Path(root).absolute()
+        self._pickup_dir = Path(pickup_dir).absolute() if pickup_dir else self.root / "pickup"
         self.host = host
         self._requested_port = port
         self._port: int | None = None
@@ -84,8 +92,12 @@ class SshdServer:
 
     @property
     def pickup_dir(self) -> Path:
-        """The directory deliveries go to (an absolute path, also on the server)."""
-        return self.root / "pickup"
+        """The directory deliveries go to, and where SFTP sessions start.
+
+        Relative remote paths (a ``directory`` of ``.``) resolve against it, as on a
+        pickup server whose login directory is the pickup.
+        """
+        return self._pickup_dir
 
     @property
     def username(self) -> str:
@@ -182,8 +194,8 @@ class SshdServer:
             "MaxStartups 100",
             "MaxAuthTries 3",
             "LogLevel INFO",
-            "Subsystem sftp internal-sftp",
-            "ForceCommand internal-sftp",
+            f"Subsystem sftp internal-sftp -d {self.pickup_dir}",
+            f"ForceCommand internal-sftp -d {self.pickup_dir}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -270,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path(".sandbox/sshd"), help="state folder")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks one")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--pickup", type=Path, help="pickup folder (default: ROOT/pickup)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -281,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    server = SshdServer(args.root, args.port, host=args.host)
+    server = SshdServer(args.root, args.port, host=args.host, pickup_dir=args.pickup)
     server.start()
     print(f"host        {server.host}", flush=True)
     print(f"port        {server.port}")

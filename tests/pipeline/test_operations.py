@@ -41,12 +41,12 @@ def zephir(clean: Sandbox) -> ZephirControl:
 
 
 def pushed(sandbox: Sandbox) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample the Pushgateway holds for job digifeeds, by name and labels."""
+    """The samples a run of this host (role all) pushed, by name and labels."""
     text = requests.get(f"{sandbox.url('pushgateway')}/metrics", timeout=10).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("job") != "digifeeds":
+            if sample.labels.get("job") != "digifeeds" or sample.labels.get("role") != "all":
                 continue
             labels = tuple(
                 sorted(
@@ -103,6 +103,7 @@ def test_a_mixed_run_is_reported_and_pushed_truthfully(
     metrics = pushed(clean)
 
     assert run.returncode == 1
+    assert "cannot push" not in run.stderr, run.stderr
     counts = report["counts"]
     assert counts["pending_deletion"] == 1
     assert counts["in_zephir"] == 1
