@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 # A Michigan item barcode: "3" (item), "9015" (institution), an 8-digit sequence and a
 # check digit. Digits only, so always safe in S3 keys, file names and SFTP paths.
-_BARCODE = re.compile(r"39015\d{9}")
+_BARCODE = re.compile(r"39015[0-9]{9}")
 
 
 def validate(barcode: object) -> str:
@@ -42,7 +42,7 @@ def check_digit_ok(barcode: str) -> bool:
     rightmost is doubled (9 subtracted when over 9); the check digit brings the sum
     to a multiple of ten.
     """
-    if not re.fullmatch(r"\d{14}", barcode):
+    if not re.fullmatch(r"[0-9]{14}", barcode):
         return False
     total = 0
     for position, char in enumerate(reversed(barcode[:13])):

@@ -34,10 +34,10 @@ CHUNK_SIZE = 1024 * 1024
 
 COMPRESSIONS = {"deflate": zipfile.ZIP_DEFLATED, "store": zipfile.ZIP_STORED}
 
-_PAGE_IMAGE = re.compile(r"(\d{8})\.(?:tif|jp2)")
+_PAGE_IMAGE = re.compile(r"([0-9]{8})\.(?:tif|jp2)")
 # A name meant as a page image that breaks the rule: wrong digit count or extension case.
-_PAGE_IMAGE_LIKE = re.compile(r"\d+\.(?:tiff?|jp2)", re.IGNORECASE)
-_COMPANION = re.compile(r"\d{8}\.(?:txt|html|xml)")
+_PAGE_IMAGE_LIKE = re.compile(r"[0-9]+\.(?:tiff?|jp2)", re.IGNORECASE)
+_COMPANION = re.compile(r"[0-9]{8}\.(?:txt|html|xml)")
 # A run of missing page images longer than this is reported as a range, not one by one.
 _MAX_LISTED_GAP = 20
 _JUNK = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})

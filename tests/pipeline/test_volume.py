@@ -28,6 +28,7 @@ from pipeline.volume import (
     verify_zip,
     write_zip,
 )
+from sandbox.volumes import make_volume
 
 REPO = Path(__file__).resolve().parents[2]
 BARCODE = "39015000000003"
@@ -883,3 +884,16 @@ def test_copy_volume_refuses_an_existing_destination(tmp_path: Path) -> None:
 
     with pytest.raises(FileExistsError):
         copy_volume(folder, dest)
+
+
+def test_a_page_numbered_in_non_ascii_digits_is_not_a_page_image(tmp_path: Path) -> None:
+    barcode = "39015012078393"
+    folder = make_volume(tmp_path, barcode, pages=2)
+    odd = "\u0660" * 7 + "\u0662" + ".jp2"  # "00000002" in Arabic-Indic digits
+    (folder / "00000002.jp2").rename(folder / odd)
+
+    with pytest.raises(VolumeError) as raised:
+        inspect_volume(folder, barcode)
+
+    assert barcode in str(raised.value)
+    assert "00000002" in str(raised.value)
