@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -26,8 +27,14 @@ def validate(barcode: object) -> str:
         )
     assert isinstance(barcode, str)
     if not check_digit_ok(barcode):
-        logger.warning("%s: check digit does not match; accepting the barcode anyway", barcode)
+        _warn_check_digit(barcode)
     return barcode
+
+
+@functools.lru_cache(maxsize=4096)
+def _warn_check_digit(barcode: str) -> None:
+    """Warn once per process about a barcode whose check digit fails."""
+    logger.warning("%s: check digit does not match; accepting the barcode anyway", barcode)
 
 
 def is_valid(barcode: object) -> bool:

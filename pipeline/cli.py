@@ -16,7 +16,7 @@ import luigi.parameter
 
 from pipeline import config, context, metrics, runner
 from pipeline.barcodes import validate
-from pipeline.errors import DigifeedsError
+from pipeline.errors import ConfigurationError, DigifeedsError
 from pipeline.report import Report
 
 logger = logging.getLogger("pipeline.cli")
@@ -194,10 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     try:
         return int(args.handler(args))
+    except ConfigurationError as exc:
+        logger.error("configuration error: %s", exc)
+        print(f"digifeeds {args.command}: configuration error: {exc}", file=sys.stderr)
+        return runner.EXIT_CONFIGURATION
+    except (ValueError, luigi.parameter.ParameterException) as exc:
+        # A setting Luigi could not parse, met outside config.check().
+        logger.error("configuration error: %s", exc)
+        print(f"digifeeds {args.command}: configuration error: {exc}", file=sys.stderr)
+        return runner.EXIT_CONFIGURATION
     except DigifeedsError as exc:
         logger.error("%s", exc)
         print(f"digifeeds {args.command}: {exc}", file=sys.stderr)
-        return runner.EXIT_FAILED if exc.barcode else runner.EXIT_CONFIGURATION
+        return runner.EXIT_FAILED
     finally:
         logger.debug("digifeeds %s took %s", args.command, dt.datetime.now(dt.UTC) - started)
 

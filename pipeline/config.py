@@ -8,9 +8,13 @@ built.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import TypeVar
 
 import luigi
+import luigi.configuration
+import luigi.parameter
 
 from pipeline.errors import ConfigurationError
 
@@ -195,3 +199,62 @@ def read_secret(what: str, env_name: str, file_name: str, *, required: bool = Tr
             f"no {what}: set the environment variable {env_name} or the file setting"
         )
     return value
+
+
+ConfigT = TypeVar("ConfigT", bound=luigi.Config)
+
+
+def _read(section: type[ConfigT]) -> ConfigT:
+    """Build one section, naming the key and the value Luigi could not parse."""
+    try:
+        return section()
+    except (ValueError, luigi.parameter.ParameterException) as exc:
+        found = re.search(r"value of '(\w+)'", str(exc))
+        if found:
+            key = found.group(1)
+            raw = luigi.configuration.get_config().get(section.__name__, key, "")
+            raise ConfigurationError(
+                f"luigi.cfg: [{section.__name__}] {key} = {raw!r} is not a valid value"
+            ) from exc
+        raise ConfigurationError(f"luigi.cfg: [{section.__name__}] {exc}") from exc
+
+
+def check() -> None:
+    """Read every setting the configured host role uses; raise ConfigurationError on a bad one.
+
+    Run before any work, so that a wrong value stops the run with one clear message.
+    """
+    run = _read(digifeeds)
+    role = run.host_role
+    store = _read(s3)
+    sections: list[luigi.Config] = [run, store, _read(metrics)]
+    if role in ("workflow", "all"):
+        sections += [_read(alma), _read(zephir), _read(pickup)]
+    problems = []
+    if run.batch_size < 1:
+        problems.append("[digifeeds] batch_size must be at least 1")
+    if run.workers < 1:
+        problems.append("[digifeeds] workers must be at least 1")
+    if run.hold_days < 0:
+        problems.append("[digifeeds] hold_days must not be negative")
+    if run.settle_minutes < 0:
+        problems.append("[digifeeds] settle_minutes must not be negative")
+    if role in ("zip", "all"):
+        for key in ("input_folder", "working_folder", "processed_folder"):
+            if not getattr(run, key):
+                problems.append(f"[digifeeds] {key} is needed on a host that zips")
+        if run.input_folder and not Path(run.input_folder).is_dir():
+            problems.append(f"[digifeeds] input_folder {run.input_folder} is not a folder")
+    if not store.bucket:
+        problems.append("[s3] bucket is empty")
+    if role in ("workflow", "all"):
+        if alma().calls_per_second <= 0:
+            problems.append("[alma] calls_per_second must be more than 0")
+        if not Path(pickup().known_hosts).is_file():
+            problems.append(f"[pickup] known_hosts {pickup().known_hosts} is not a file")
+    for section in sections:
+        for name, value in section.param_kwargs.items():
+            if name in ("timeout", "retries", "max_attempts") and value < 0:
+                problems.append(f"[{section.get_task_family()}] {name} must not be negative")
+    if problems:
+        raise ConfigurationError("; ".join(problems))

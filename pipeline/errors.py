@@ -118,3 +118,9 @@ class AlmaStoppedError(AlmaError):
     """Alma calls were stopped earlier in this run; the barcode is left for the next run."""
 
     kind = "alma_stopped"
+
+
+class SchedulerError(DigifeedsError):
+    """The central scheduler (luigid) cannot be reached."""
+
+    kind = "scheduler"

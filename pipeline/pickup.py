@@ -138,11 +138,18 @@ class PickupClient:
         if ssh is not None:
             ssh.close()
 
-    def deliver_file(self, path: Path, barcode: str, *, progress: Progress | None = None) -> None:
+    def deliver_file(
+        self,
+        path: Path,
+        barcode: str,
+        *,
+        progress: Progress | None = None,
+        existing_ok: bool = True,
+    ) -> None:
         """Deliver the zip at ``path`` as ``<barcode>.zip``; see :meth:`deliver`."""
         with Path(path).open("rb") as source:
             size = os.fstat(source.fileno()).st_size
-            self.deliver(source, size, barcode, progress=progress)
+            self.deliver(source, size, barcode, progress=progress, existing_ok=existing_ok)
 
     def deliver(
         self,
@@ -151,13 +158,18 @@ class PickupClient:
         barcode: str,
         *,
         progress: Progress | None = None,
+        existing_ok: bool = True,
     ) -> None:
         """Deliver ``size`` bytes read from ``source`` as ``<barcode>.zip``.
 
-        A ``<barcode>.zip`` already there with exactly ``size`` bytes counts as
+        With ``existing_ok`` (for resuming a delivery of one's own), a
+        ``<barcode>.zip`` already there with exactly ``size`` bytes counts as
         delivered and is left alone; one of any other size is refused with
-        :class:`PickupError`, never overwritten. Otherwise the bytes go to a
-        temporary name, their size is confirmed, and the file is renamed into place.
+        :class:`PickupError`, never overwritten. Without it (a first attempt), any
+        ``<barcode>.zip`` already there, or appearing during the upload, is refused
+        with :class:`PickupError` and left alone, whatever its size. Otherwise the
+        bytes go to a temporary name, their size is confirmed, and the file is
+        renamed into place.
         Raises :class:`~pipeline.errors.InvalidBarcodeError` before connecting for
         a bad barcode, :class:`HostKeyError` for an unpinned or changed host key and
         :class:`PickupError` for every other failure.
@@ -172,7 +184,7 @@ class PickupClient:
             sftp = self._connect(barcode)
 
             step = f"looking for {final}"
-            if self._already_there(sftp, final, size, barcode):
+            if self._already_there(sftp, final, size, barcode, existing_ok):
                 logger.info("%s: already delivered as %s; nothing to upload", barcode, final)
                 if progress is not None:
                     progress(size, size)
@@ -194,7 +206,7 @@ class PickupClient:
                 )
 
             step = f"renaming {temp} to {final}"
-            if self._already_there(sftp, final, size, barcode):
+            if self._already_there(sftp, final, size, barcode, existing_ok):
                 logger.info("%s: %s appeared during the upload; keeping it", barcode, final)
                 self._remove_quietly(sftp, temp, barcode)
                 return
@@ -224,8 +236,16 @@ class PickupClient:
         ssh = paramiko.SSHClient()
         try:
             # Only the pinned file: system and user known_hosts files are never read.
-            ssh.get_host_keys().load(str(self.known_hosts))
-        except OSError as exc:
+            host_keys = ssh.get_host_keys()
+            host_keys.load(str(self.known_hosts))
+            # Looking the server up hashes its name with the salt of every hashed
+            # entry, so a corrupt salt fails here rather than inside connect().
+            host_keys.lookup(self.host if self.port == 22 else f"[{self.host}]:{self.port}")
+        except Exception as exc:
+            # Besides OSError, paramiko lets whatever its parsers raise escape for a
+            # corrupt file: InvalidHostKey (bad base64), UnicodeDecodeError (text or
+            # key-type name that is not UTF-8), ValueError (nacl, cryptography,
+            # binascii) and OverflowError among them. Each means the file cannot be read.
             ssh.close()
             raise HostKeyError(
                 f"cannot read the pinned known_hosts file {self.known_hosts} for "
@@ -290,13 +310,23 @@ class PickupClient:
         return sftp
 
     def _already_there(
-        self, sftp: paramiko.SFTPClient, final: str, size: int, barcode: str
+        self, sftp: paramiko.SFTPClient, final: str, size: int, barcode: str, existing_ok: bool
     ) -> bool:
-        """Tell whether ``final`` holds ``size`` bytes; refuse one of another size."""
+        """Tell whether ``final`` holds ``size`` bytes; refuse one of another size.
+
+        Unless ``existing_ok``, refuse any ``final`` at all: this delivery did not
+        write it, so it cannot be taken as this delivery's.
+        """
         try:
             held = sftp.stat(final).st_size
         except FileNotFoundError:
             return False
+        if not existing_ok:
+            raise PickupError(
+                f"a file is already at {final} on {self.address} ({held} bytes) that this "
+                "delivery did not write; a person must check it",
+                barcode=barcode,
+            )
         if held != size:
             raise PickupError(
                 f"{final} on {self.address} already exists with {held} bytes, not {size}; "

@@ -18,12 +18,14 @@ from typing import IO
 import luigi
 import luigi.configuration
 from luigi.execution_summary import LuigiStatusCode
+from luigi.rpc import RPCError
 
 from pipeline import config, context, metrics
 from pipeline.barcodes import is_valid
+from pipeline.errors import ConfigurationError, SchedulerError, StorageError
 from pipeline.report import Report
 from pipeline.status import Status
-from pipeline.tasks import Delivered, ZipVolume
+from pipeline.tasks import Delivered, ZipVolume, volume_folder
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,17 @@ class DigifeedsBatch(luigi.WrapperTask):
     )
 
     def requires(self) -> list[luigi.Task]:
-        task = ZipVolume if self.goal == "ZipVolume" else Delivered
-        return [task(barcode=b) for b in self.barcodes]
+        if self.goal == "ZipVolume":
+            return [ZipVolume(barcode=b) for b in self.barcodes]
+        required: list[luigi.Task] = []
+        for barcode in self.barcodes:
+            required.append(Delivered(barcode=barcode))
+            # A folder that is here again after its barcode went on (a rescan, say)
+            # is ZipVolume's to retire or refuse, even when Delivered is long done.
+            folder = volume_folder(barcode)
+            if folder is not None and folder.exists():
+                required.append(ZipVolume(barcode=barcode))
+        return required
 
 
 class DigifeedsRun(luigi.WrapperTask):
@@ -110,6 +121,13 @@ def discover(role: str) -> Discovery:
             else:
                 rejected[item["Key"]] = "not a <barcode>.zip in the input prefix"
         markers = context.markers()
+        zipped = markers.barcodes_with(Status.ZIPPED)
+        for barcode in sorted(found - set(zipped)):
+            logger.warning(
+                "%s: its zip is in the input prefix but has no zipped marker; "
+                "it waits until the zipping host records it",
+                barcode,
+            )
         started = markers.barcodes_with(Status.COPYING_START)
         finished = markers.barcodes_with(Status.PENDING_DELETION)
         found.update(set(started) - set(finished))
@@ -136,6 +154,8 @@ class RunResult:
     luigi_failed: bool
     report: Report
     alma_remaining: int | None = None
+    held_batches: int = 0
+    markers_unread: str = ""
 
     def _since_start(self, when: dt.datetime) -> bool:
         return when.timestamp() >= self.started - 1
@@ -179,7 +199,7 @@ class RunResult:
 
     @property
     def succeeded(self) -> bool:
-        return not self.failures and not self.luigi_failed
+        return not self.failures and not self.luigi_failed and not self.markers_unread
 
     @property
     def exit_code(self) -> int:
@@ -197,6 +217,10 @@ class RunResult:
             "failed: " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"),
             f"in {self.finished - self.started:.1f}s",
         ]
+        if self.held_batches:
+            parts.insert(-1, f"{self.held_batches} batches held by other workers")
+        if self.markers_unread:
+            parts.insert(-1, "markers unreadable, counts unknown")
         return "; ".join(parts)
 
     def figures(self) -> metrics.RunFigures:
@@ -234,8 +258,11 @@ def lock_path() -> Path:
 
 def acquire_lock(path: Path) -> IO[str]:
     """Take the run lock, or raise RunLocked naming the process that holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open the lock file {path}: {exc.strerror}") from exc
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -255,6 +282,7 @@ def run(*, local_scheduler: bool = False) -> RunResult:
 
     Raises RunLocked when another run holds this host's lock.
     """
+    config.check()
     cfg = config.digifeeds()
     role = cfg.host_role
     handle = acquire_lock(lock_path())
@@ -266,6 +294,7 @@ def run(*, local_scheduler: bool = False) -> RunResult:
         logger.info("%s run: %d barcodes to work on", role, len(found.barcodes))
         goal = "ZipVolume" if role == "zip" else "Delivered"
         luigi_failed = False
+        held = 0
         # Logging is the command's, configured before the run; Luigi leaves it alone.
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
         for number, batch in enumerate(batches(found.barcodes, cfg.batch_size), start=1):
@@ -279,16 +308,33 @@ def run(*, local_scheduler: bool = False) -> RunResult:
                     break
                 goal = "ZipVolume"
             logger.info("batch %d: %d barcodes", number, len(batch))
-            result = luigi.build(
-                [DigifeedsBatch(barcodes=batch, goal=goal)],
-                workers=cfg.workers,
-                local_scheduler=local_scheduler,
-                detailed_summary=True,
-            )
+            try:
+                result = luigi.build(
+                    [DigifeedsBatch(barcodes=batch, goal=goal)],
+                    workers=cfg.workers,
+                    local_scheduler=local_scheduler,
+                    detailed_summary=True,
+                )
+            except RPCError as exc:
+                url = luigi.configuration.get_config().get("core", "default_scheduler_url", "")
+                raise SchedulerError(f"cannot reach the central scheduler {url}: {exc}") from exc
             if result.status in _FAILED_RUNS:
                 luigi_failed = True
+            if result.status is LuigiStatusCode.NOT_RUN:
+                held += 1
+                logger.warning(
+                    "batch %d: some tasks are held by another worker (another host, or a "
+                    "run that was killed and that luigid still counts as running); "
+                    "they are left for the next run",
+                    number,
+                )
             logger.info("batch %d: %s", number, result.status.name)
-        report = Report.read(context.markers())
+        try:
+            report = Report.read(context.markers())
+            unread = ""
+        except StorageError as exc:
+            logger.error("cannot read the markers for the summary: %s", exc)
+            report, unread = Report({}, dt.datetime.now(dt.UTC)), str(exc)
         return RunResult(
             role=role,
             barcodes=found.barcodes,
@@ -298,6 +344,8 @@ def run(*, local_scheduler: bool = False) -> RunResult:
             luigi_failed=luigi_failed,
             report=report,
             alma_remaining=read_alma_remaining(),
+            held_batches=held,
+            markers_unread=unread,
         )
     finally:
         handle.close()

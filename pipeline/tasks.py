@@ -41,7 +41,7 @@ from pipeline.errors import (
 )
 from pipeline.status import Status
 from pipeline.volume import inspect_volume, last_change, snapshot, write_zip
-from targets.markers import MarkerTarget, utc_now
+from targets.markers import Marker, MarkerTarget, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,12 @@ class MarkerTask(luigi.Task):
     def output(self) -> MarkerTarget:
         return MarkerTarget(context.markers(), self.barcode, self.status)
 
-    def record(self, status: Status | None = None, /, **details: Any) -> None:
-        """Record this task's status (or ``status``) for the barcode."""
-        context.markers().record(self.barcode, status or self.status, **details)
+    def record(self, status: Status | None = None, /, **details: Any) -> Marker:
+        """Record this task's status (or ``status``) for the barcode; return the marker.
+
+        A status already recorded keeps its first marker, which is returned.
+        """
+        return context.markers().record(self.barcode, status or self.status, **details)
 
     def on_success(self) -> None:
         # This task and its requirements are done now: any failure of theirs is over.
@@ -129,7 +132,8 @@ class MarkerTask(luigi.Task):
         if isinstance(exception, AlmaStoppedError):
             logger.warning("%s: %s", self.barcode, exception.message)
             return str(exception)
-        logger.error("%s: %s failed: %s", self.barcode, self.task_family, exception)
+        message = exception.message if isinstance(exception, DigifeedsError) else exception
+        logger.error("%s: %s failed: %s", self.barcode, self.task_family, message)
         record_failure(self.barcode, self.task_family, exception)
         if isinstance(exception, DigifeedsError):
             return str(exception)
@@ -457,12 +461,21 @@ class Delivered(MarkerTask):
         source, destination = zip_key(self.barcode), processed_key(self.barcode)
 
         # Copy to the pickup, unless an earlier run finished the copy.
-        self.record(Status.COPYING_START)
+        attempt = utc_now()
+        started = self.record(Status.COPYING_START)
+        resumed = started.timestamp < attempt
         if not markers.exists(self.barcode, Status.COPYING_END):
+            if resumed:
+                logger.warning(
+                    "%s: resuming a copy to the pickup that started at %s and did not end; "
+                    "if the pickup collected a complete earlier copy, it gets this one too",
+                    self.barcode,
+                    started.timestamp.isoformat(),
+                )
             # After a crash between the move and its marker, the zip is already moved.
             key = source if storage.exists(source) else destination
             show(self, f"copying {storage.url(key)} to the pickup")
-            self.copy_to_pickup(key)
+            self.copy_to_pickup(key, resumed=resumed)
             self.record(Status.COPYING_END)
 
         # Move the zip to the processed prefix.
@@ -470,10 +483,18 @@ class Delivered(MarkerTask):
         logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
         self.record()
 
-    def copy_to_pickup(self, key: str) -> None:
-        """Stream the zip from S3 to the pickup server."""
+    def copy_to_pickup(self, key: str, *, resumed: bool) -> None:
+        """Stream the zip from S3 to the pickup server.
+
+        A file already at the final name is taken as this zip only when resuming an
+        attempt of our own; otherwise it is someone else's, and a person must look.
+        """
         with context.storage().open(key) as (body, size):
             context.pickup().deliver(
-                body, size, self.barcode, progress=Progress(self, "copying to the pickup")
+                body,
+                size,
+                self.barcode,
+                progress=Progress(self, "copying to the pickup"),
+                existing_ok=resumed,
             )
         logger.info("%s: delivered to the pickup", self.barcode)

@@ -68,6 +68,9 @@ def command_demo(sandbox: Sandbox, args: argparse.Namespace) -> int:
     try:
         barcodes = make_sample_volumes(sandbox, args.count, args.start)
         print(f"sample volumes in {sandbox.input}: {', '.join(barcodes)}")
+        # Zips an earlier demo delivered would be refused as someone else's files.
+        for barcode in barcodes:
+            (sandbox.pickup / f"{barcode}.zip").unlink(missing_ok=True)
         for attempt in range(1, args.max_runs + 1):
             print(f"\n=== digifeeds run --hold-days 0 (run {attempt}) ===", flush=True)
             code = subprocess.call(["digifeeds", "run", "--hold-days", "0"])

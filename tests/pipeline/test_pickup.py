@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -175,6 +177,79 @@ def test_earlier_file_of_another_size_is_refused_not_overwritten(
     assert names(pickup) == [f"{BARCODE}.zip"]
 
 
+@pytest.mark.parametrize("held", [5000, 10, 0], ids=["same-size", "other-size", "empty"])
+def test_existing_file_is_refused_when_existing_is_not_ok(
+    sshd: SshdServer, pickup: Path, held: int
+) -> None:
+    delivered = pickup / f"{BARCODE}.zip"
+    delivered.write_bytes(b"x" * held)
+    before = delivered.stat()
+
+    with (
+        make_client(sshd) as client,
+        pytest.raises(PickupError, match="did not write; a person must check it") as raised,
+    ):
+        client.deliver(Unreadable(), 5000, BARCODE, existing_ok=False)
+
+    assert raised.value.barcode == BARCODE
+    assert f"{pickup}/{BARCODE}.zip" in str(raised.value)
+    assert str(raised.value).startswith(f"{BARCODE}: ")
+    after = delivered.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        held,
+    )
+    assert names(pickup) == [f"{BARCODE}.zip"]
+
+
+def test_deliver_file_passes_existing_ok_on(sshd: SshdServer, pickup: Path, tmp_path: Path) -> None:
+    source = make_zip(tmp_path / "volume.zip", 5000)
+    delivered = pickup / f"{BARCODE}.zip"
+    delivered.write_bytes(source.read_bytes())
+
+    with make_client(sshd) as client:
+        with pytest.raises(PickupError, match="a person must check it"):
+            client.deliver_file(source, BARCODE, existing_ok=False)
+        client.deliver_file(source, BARCODE, existing_ok=True)
+
+    assert names(pickup) == [f"{BARCODE}.zip"]
+
+
+def test_first_delivery_with_existing_not_ok_lands_when_nothing_is_there(
+    sshd: SshdServer, pickup: Path
+) -> None:
+    data = os.urandom(100_000)
+
+    with make_client(sshd) as client:
+        client.deliver(io.BytesIO(data), len(data), BARCODE, existing_ok=False)
+
+    assert names(pickup) == [f"{BARCODE}.zip"]
+    assert (pickup / f"{BARCODE}.zip").read_bytes() == data
+
+
+def test_file_appearing_during_upload_is_refused_when_existing_is_not_ok(
+    sshd: SshdServer, pickup: Path
+) -> None:
+    data = os.urandom(3 * MiB)
+    intruder = pickup / f"{BARCODE}.zip"
+
+    def appear_once(sent: int, total: int) -> None:
+        if not intruder.exists():
+            intruder.write_bytes(data)  # even identical bytes are not this delivery's
+
+    with (
+        make_client(sshd) as client,
+        pytest.raises(PickupError, match="a person must check it"),
+    ):
+        client.deliver(
+            io.BytesIO(data), len(data), BARCODE, existing_ok=False, progress=appear_once
+        )
+
+    assert names(pickup) == [f"{BARCODE}.zip"]
+    assert intruder.read_bytes() == data
+
+
 def test_stale_temporary_files_of_the_barcode_are_removed(
     sshd: SshdServer, pickup: Path, tmp_path: Path
 ) -> None:
@@ -239,6 +314,78 @@ def test_unpinned_host_key_is_refused(
 
     assert f"{sshd.host}:{sshd.port}" in str(raised.value)
     assert BARCODE in str(raised.value)
+    assert names(pickup) == []
+
+
+def _ssh_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _corrupt_known_hosts(sshd: SshdServer, corruption: str) -> bytes:
+    """Return the pinned known_hosts line for ``sshd``, corrupted as ``corruption`` says."""
+    key_type, key_data = sshd.host_key.with_suffix(".pub").read_text().split()[:2]
+    name = f"[{sshd.host}]:{sshd.port}"
+    raw = base64.b64decode(key_data)
+    if corruption == "altered-base64":
+        # One character changed inside the encoded key-type name: it decodes to bytes
+        # that are not UTF-8 (paramiko raises UnicodeDecodeError).
+        altered = key_data[:5] + ("Z" if key_data[5] != "Z" else "Y") + key_data[6:]
+        return f"{name} {key_type} {altered}\n".encode()
+    if corruption == "invalid-base64-characters":
+        return f"{name} {key_type} {key_data[:10]}!!!{key_data[13:]}\n".encode()
+    if corruption == "truncated-line":
+        # Cut mid-key, so the base64 padding is wrong (paramiko's InvalidHostKey).
+        return f"{name} {key_type} {key_data[: len(key_data) // 2 - 1]}".encode()
+    if corruption == "short-ed25519-key":
+        # Well-formed, but the ed25519 key has 31 bytes (nacl's ValueError).
+        blob = _ssh_string(b"ssh-ed25519") + _ssh_string(raw[-32:-1])
+        return f"{name} ssh-ed25519 {base64.b64encode(blob).decode()}\n".encode()
+    if corruption == "negative-rsa-modulus":
+        # An RSA modulus with its sign bit set (OverflowError from cryptography).
+        blob = _ssh_string(b"ssh-rsa") + _ssh_string(b"\x01\x00\x01")
+        blob += _ssh_string(b"\x80" + bytes(255))
+        return f"{name} ssh-rsa {base64.b64encode(blob).decode()}\n".encode()
+    if corruption == "tiny-rsa-modulus":
+        # An RSA modulus of 1 (ValueError from cryptography).
+        blob = _ssh_string(b"ssh-rsa") + _ssh_string(b"\x01\x00\x01") + _ssh_string(b"\x01")
+        return f"{name} ssh-rsa {base64.b64encode(blob).decode()}\n".encode()
+    if corruption == "binary-junk":
+        return bytes(range(256)) * 4
+    if corruption == "hashed-name-with-bad-salt":
+        # Loads, but paramiko fails (binascii.Error) when it hashes the host to look it up.
+        return f"|1|notbase64|alsonot {key_type} {key_data}\n".encode()
+    raise AssertionError(corruption)
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    [
+        "altered-base64",
+        "invalid-base64-characters",
+        "truncated-line",
+        "short-ed25519-key",
+        "negative-rsa-modulus",
+        "tiny-rsa-modulus",
+        "binary-junk",
+        "hashed-name-with-bad-salt",
+    ],
+)
+def test_corrupt_known_hosts_file_is_a_host_key_error(
+    sshd: SshdServer, pickup: Path, tmp_path: Path, corruption: str
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_bytes(_corrupt_known_hosts(sshd, corruption))
+
+    with (
+        make_client(sshd, known_hosts=known_hosts) as client,
+        pytest.raises(HostKeyError, match="cannot read the pinned known_hosts file") as raised,
+    ):
+        client.deliver(Unreadable(), 10, BARCODE)
+
+    assert str(known_hosts) in str(raised.value)
+    assert raised.value.barcode == BARCODE
+    assert raised.value.__cause__ is not None
+    assert client._ssh is None
     assert names(pickup) == []
 
 

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import FIXTURES, REPO, digifeeds, failure, history, new_barcodes, s3_client, snapshot
+from helpers import (
+    FIXTURES,
+    REPO,
+    config_with,
+    digifeeds,
+    failure,
+    history,
+    new_barcodes,
+    s3_client,
+    snapshot,
+)
 
 from sandbox.alma_sim import AlmaControl
 from sandbox.services import BUCKET, Sandbox
@@ -356,3 +366,106 @@ def test_a_zephir_outage_is_a_failure_not_a_wait(
     assert again.returncode == 0, again.stderr
     assert history(barcode) == DELIVERED
     assert failure(barcode) is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"digifeeds": {"batch_size": "0"}}, "batch_size must be at least 1"),
+        ({"digifeeds": {"workers": "-3"}}, "workers must be at least 1"),
+        ({"digifeeds": {"hold_days": "-1"}}, "hold_days must not be negative"),
+        ({"digifeeds": {"hold_days": "abc"}}, "[digifeeds] hold_days = 'abc' is not a valid value"),
+        (
+            {"digifeeds": {"host_role": "bogus"}},
+            "[digifeeds] host_role = 'bogus' is not a valid value",
+        ),
+        (
+            {"digifeeds": {"compression": "lzma"}},
+            "[digifeeds] compression = 'lzma' is not a valid value",
+        ),
+        ({"pickup": {"known_hosts": "/nonexistent/known_hosts"}}, "known_hosts"),
+        ({"digifeeds": {"lock_file": "/"}}, "lock file"),
+    ],
+)
+def test_a_bad_setting_stops_the_run_with_exit_2_and_a_clear_message(
+    clean: Sandbox, tmp_path: Path, settings: dict[str, dict[str, str]], words: str
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    before = snapshot(clean.input)
+
+    result = digifeeds("run", env=config_with(tmp_path / "bad.cfg", settings))
+
+    assert result.returncode == 2, result.stderr
+    assert "configuration error" in result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(clean.input) == before
+
+
+def test_an_unreachable_scheduler_fails_the_run_with_a_clear_message(
+    clean: Sandbox, tmp_path: Path
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    env = config_with(tmp_path / "c.cfg", {"core": {"default_scheduler_url": "http://127.0.0.1:9"}})
+
+    result = digifeeds("run", env=env)
+
+    assert result.returncode == 1
+    assert "cannot reach the central scheduler http://127.0.0.1:9" in result.stderr
+    assert (clean.input / barcode).exists()
+
+
+def test_a_file_already_at_the_pickup_name_is_not_taken_for_the_delivery(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    assert digifeeds("run", "--role", "zip").returncode == 0
+    size = s3_client(clean).head_object(Bucket=BUCKET, Key=f"input/{barcode}.zip")["ContentLength"]
+    stranger = clean.pickup / f"{barcode}.zip"
+    stranger.write_bytes(b"\0" * size)
+
+    result = digifeeds("run")
+
+    assert result.returncode == 1
+    assert stranger.read_bytes() == b"\0" * size
+    assert history(barcode)[-1] == "copying_start"
+    assert f"input/{barcode}.zip" in keys(clean, "input/")
+    recorded = failure(barcode)
+    assert recorded is not None and recorded["kind"] == "pickup"
+    assert str(stranger.name) in recorded["message"]
+
+
+def test_a_rescanned_folder_of_a_delivered_barcode_is_refused_and_kept(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    assert digifeeds("run").returncode == 0
+    make_volume(clean.input, barcode, pages=4, seed=9)
+    before = snapshot(clean.input / barcode)
+
+    # luigid ignores a PENDING claim for 10 s after DONE (stable_done_cooldown_secs);
+    # cron's runs are minutes apart, this one is not.
+    result = digifeeds("run", "--local-scheduler")
+
+    assert result.returncode == 1
+    assert snapshot(clean.input / barcode) == before
+    recorded = failure(barcode)
+    assert recorded is not None and recorded["kind"] == "bad_volume"
+    assert "already zipped" in recorded["message"]
+
+
+def test_a_zip_without_a_zipped_marker_waits_and_says_why(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    s3_client(clean).put_object(Bucket=BUCKET, Key=f"input/{barcode}.zip", Body=b"PK")
+
+    result = digifeeds("run", "--role", "workflow")
+
+    assert result.returncode == 0, result.stderr
+    assert "1 on zip" in result.stdout
+    assert f"{barcode}: its zip is in the input prefix but has no zipped marker" in result.stderr
