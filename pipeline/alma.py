@@ -56,6 +56,15 @@ _ALREADY_IN_SET_CODES = frozenset({AlmaCode.ALREADY_IN_SET, AlmaCode.ALREADY_IN_
 _CONFIGURATION_CODES = frozenset({AlmaCode.UNAUTHORIZED, AlmaCode.FORBIDDEN, AlmaCode.INVALID_SET})
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _EXCERPT_CHARS = 200
+# Only this much of a body is read for an excerpt (a proxy page can be megabytes).
+_SCAN_CHARS = 65_536
+# A run of this many characters of the key is masked wherever it appears; a shorter
+# prefix of the key is masked where it ends a text.
+_KEY_FRAGMENT_CHARS = 8
+_KEY_PREFIX_CHARS = 4
+_TAG = re.compile(r"<[^>]*>")
+# "apikey <key>", "apikey=<key>", "api_key: <key>": the value is masked whatever it is.
+_KEY_FORM = re.compile(r"(?i)(?:\bapikey[\s:=]+|\bapi[-_]key\s*[:=]\s*)([^\s\"',;]+)")
 
 
 @dataclass
@@ -193,7 +202,8 @@ class AlmaClient:
         while pending:
             logger.info("adding %s barcode(s) to Alma set %s", len(pending), self.set_id)
             response = self._post(pending, single)
-            if response.ok:
+            if 200 <= response.status_code < 300:
+                self._check_set_object(response, single, len(pending))
                 result.added.extend(pending)
                 break
 
@@ -245,6 +255,27 @@ class AlmaClient:
             retry = self._next_try(retry, url, barcode, label, response=response)
             retry.sleep(response.raw)
 
+    def _check_set_object(
+        self, response: requests.Response, barcode: str | None, members: int
+    ) -> None:
+        """Raise AlmaError unless a 2xx answer's body is this set's object.
+
+        Alma answers a successful add_members with the set (JSON with its ``id``, or
+        XML whose root is ``<set>``); a proxy's page or an empty body proves nothing.
+        """
+        problem = _set_object_problem(response.text, self.set_id)
+        if problem is None:
+            return
+        problem = self._scrub(problem)
+        excerpt = self._excerpt(response.text) or "empty body"
+        call = f" (call of {members} barcodes)" if barcode is None else ""
+        raise AlmaError(
+            f"Alma set {self.set_id}: HTTP {response.status_code} answer is not the set"
+            f" object ({problem}){call}, so nothing counts as added: {excerpt}",
+            barcode=barcode,
+            http_status=response.status_code,
+        )
+
     def _is_transient(self, response: requests.Response) -> bool:
         """Tell whether an answer is worth retrying: a 5xx, or a 429 that is not the quota."""
         if response.status_code not in _RETRY_STATUSES:
@@ -271,7 +302,7 @@ class AlmaClient:
             if codes:
                 what += f" {codes[0]}"
         else:
-            what = self._scrub(f"{type(error).__name__}: {error}")
+            what = self._scrub(f"{type(error).__name__}: {error}", markup=False)
 
         try:
             # urllib3 counts a response with a status it was told to retry as a status
@@ -320,7 +351,7 @@ class AlmaClient:
                 AlmaErrorDetail(e.code, self._scrub(e.message), self._scrub(e.tracking_id))
                 for e in errors
             ]
-        excerpt = self._scrub(_excerpt(response.text)) or "empty body"
+        excerpt = self._excerpt(response.text) or "empty body"
         tries = f" after {attempts} tries" if attempts > 1 else ""
         raise AlmaError(
             f"Alma answered HTTP {response.status_code}{tries} without an error list: {excerpt}",
@@ -353,9 +384,24 @@ class AlmaClient:
             error_type = AlmaQuotaError
         raise error_type(message, barcode=barcode, code=first.code, http_status=status)
 
-    def _scrub(self, text: str) -> str:
-        """Remove the API key from text that may be echoed in a log line or an error."""
-        return text.replace(self._api_key, "***")
+    def _scrub(self, text: str, *, markup: bool = True) -> str:
+        """Mask the API key in text that may be echoed in a log line or an error.
+
+        With ``markup`` (text from a body), tags are taken out too, so that a key cut
+        in two by a tag is still found.
+        """
+        return _redact(text, self._api_key, markup=markup)
+
+    def _excerpt(self, body: str) -> str:
+        """Shorten a body to one line of printable text, without markup or the key.
+
+        The key is masked before the body is cut, so a cut cannot split it; a prefix
+        of the key left at the end of the cut text is masked as well.
+        """
+        text = _redact(body[:_SCAN_CHARS], self._api_key)
+        if len(text) <= _EXCERPT_CHARS:
+            return text
+        return _mask_key_prefix_at_end(text[:_EXCERPT_CHARS], self._api_key) + "..."
 
 
 def _named(
@@ -429,11 +475,114 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _excerpt(text: str) -> str:
-    """Shorten a body to one line of printable text, without markup."""
-    text = re.sub(r"<[^>]*>", " ", text)
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = " ".join(text.split())
-    if len(text) > _EXCERPT_CHARS:
-        text = text[:_EXCERPT_CHARS] + "..."
-    return text
+def _set_object_problem(text: str, set_id: str) -> str | None:
+    """Say why a success body is not the set object ``set_id``; None when it is."""
+    stripped = text.strip().lstrip("\ufeff")
+    if not stripped:
+        return "empty body"
+    found: str | None
+    if stripped.startswith("{"):
+        try:
+            document = json.loads(stripped)
+        except ValueError:
+            return "unreadable JSON"
+        if not isinstance(document, dict) or "id" not in document:
+            return "JSON without the set's id"
+        found = str(document["id"]).strip()
+    elif stripped.startswith("<"):
+        try:
+            # NOTE: safe for the reasons given in _xml_errors.
+            root = ET.fromstring(stripped)  # noqa: S314
+        except ET.ParseError:
+            return "not XML"
+        if _local(root.tag) != "set":
+            return f"XML root {_local(root.tag)[:40]!r}, not 'set'"
+        element = next((child for child in root if _local(child.tag) == "id"), None)
+        found = None if element is None else (element.text or "").strip()
+    else:
+        return "neither JSON nor XML"
+    if found is not None and found != set_id:
+        return f"the set's id is {found[:40]!r}"
+    return None
+
+
+def _redact(text: str, key: str, *, markup: bool = True) -> str:
+    """Return ``text`` as one line of printable text, without markup and with the key masked.
+
+    The key is looked for in the text with its markup removed, so that a tag cannot
+    split it; masked are the key, the value of any ``apikey <value>`` form, any run
+    of the key of ``_KEY_FRAGMENT_CHARS`` characters or more, and a prefix of the
+    key that ends the text. Masked characters (and the tags among them) become ``***``.
+    """
+    # Split into visible characters and tags, keeping where each visible one lies.
+    pieces: list[tuple[str, bool]] = []  # (text, is_tag)
+    position = 0
+    for match in _TAG.finditer(text) if markup else ():
+        if match.start() > position:
+            pieces.append((text[position : match.start()], False))
+        pieces.append((match.group(), True))
+        position = match.end()
+    if position < len(text):
+        pieces.append((text[position:], False))
+    visible = "".join(piece for piece, is_tag in pieces if not is_tag)
+    masked = _key_mask(visible, key)
+
+    out: list[str] = []
+    index = 0
+    in_run = False
+    for piece, is_tag in pieces:
+        if is_tag:
+            # A tag inside a masked run vanishes into it; any other tag is a space.
+            next_masked = index < len(visible) and masked[index]
+            if not (in_run and next_masked):
+                out.append(" ")
+                in_run = False
+            continue
+        for char in piece:
+            if masked[index]:
+                if not in_run:
+                    out.append("***")
+                    in_run = True
+            else:
+                out.append(char if char.isprintable() else " ")
+                in_run = False
+            index += 1
+    return " ".join("".join(out).split())
+
+
+def _key_mask(text: str, key: str) -> list[bool]:
+    """Mark the characters of ``text`` that are the key, part of it, or an apikey value."""
+    masked = [False] * len(text)
+
+    def mark(start: int, end: int) -> None:
+        for index in range(start, end):
+            masked[index] = True
+
+    for match in _KEY_FORM.finditer(text):
+        mark(match.start(1), match.end(1))
+    start = text.find(key)
+    while start >= 0:
+        mark(start, start + len(key))
+        start = text.find(key, start + 1)
+    size = min(_KEY_FRAGMENT_CHARS, len(key))
+    fragments = {key[i : i + size] for i in range(len(key) - size + 1)}
+    for start in range(len(text) - size + 1):
+        if text[start : start + size] in fragments:
+            mark(start, start + size)
+    prefix = _key_prefix_at_end(text, key)
+    if prefix:
+        mark(len(text) - prefix, len(text))
+    return masked
+
+
+def _key_prefix_at_end(text: str, key: str) -> int:
+    """Length of the longest prefix of the key (at least a few characters) ending ``text``."""
+    for length in range(min(len(key), len(text)), _KEY_PREFIX_CHARS - 1, -1):
+        if text.endswith(key[:length]):
+            return length
+    return 0
+
+
+def _mask_key_prefix_at_end(text: str, key: str) -> str:
+    length = _key_prefix_at_end(text, key)
+    return text[: len(text) - length] + "***" if length else text

@@ -672,14 +672,21 @@ class AlmaSimulator(Simulator):
         return self._set_object(request, set_id, count)
 
     def _set_object(self, request: SimRequest, set_id: str, count: int) -> SimResponse:
+        """Alma's answer to a successful add_members: the set itself, members not echoed.
+
+        JSON when the client asked for it, XML (root ``<set>``) otherwise, as Alma does.
+        """
         link = f"{self.url}/conf/sets/{set_id}"
         if self._wants_json(request):
             document = {
                 "id": set_id,
                 "name": "Digifeeds",
+                "description": "Items sent to Google by Digifeeds",
                 "type": {"value": "ITEMIZED", "desc": "Itemized"},
                 "content": {"value": "ITEM", "desc": "Physical items"},
+                "private": {"value": "false", "desc": "No"},
                 "status": {"value": "ACTIVE", "desc": "Active"},
+                "origin": {"value": "API", "desc": "API"},
                 "number_of_members": {"value": count, "link": f"{link}/members"},
                 "link": link,
             }
@@ -687,7 +694,10 @@ class AlmaSimulator(Simulator):
         xml = (
             '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
             f'<set link="{escape(link)}"><id>{escape(set_id)}</id><name>Digifeeds</name>'
-            "<type>ITEMIZED</type><content>ITEM</content><status>ACTIVE</status>"
+            "<description>Items sent to Google by Digifeeds</description>"
+            '<type desc="Itemized">ITEMIZED</type><content desc="Physical items">ITEM</content>'
+            '<private desc="No">false</private><status desc="Active">ACTIVE</status>'
+            '<origin desc="API">API</origin>'
             f'<number_of_members link="{escape(link)}/members">{count}</number_of_members></set>'
         )
         return SimResponse(200, xml.encode(), "application/xml;charset=UTF-8", self._headers())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from pipeline.alma import AddResult, AlmaClient, AlmaCode, RateLimiter
 from pipeline.barcodes import with_check_digit
@@ -339,6 +340,197 @@ def test_long_html_body_is_cut_short(client: AlmaClient, control: AlmaControl) -
         client.add_members([B])
 
     assert len(str(caught.value)) < 400
+
+
+def key_fragments(text: str, length: int = 6) -> list[str]:
+    """The substrings of the API key, ``length`` characters or longer, that ``text`` holds."""
+    return [
+        API_KEY[start : start + length]
+        for start in range(len(API_KEY) - length + 1)
+        if API_KEY[start : start + length] in text
+    ]
+
+
+def assert_no_key_fragment(exc: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        assert key_fragments(str(seen)) == []
+        assert key_fragments(repr(seen)) == []
+        seen = seen.__cause__ or seen.__context__
+    assert key_fragments(caplog.text) == []
+
+
+# The key placed so that, once markup is stripped, the 200-character cut splits it.
+_CUT_BODY = "<html><body><p>" + "x" * 189 + " " + API_KEY + " and more</p></body></html>"
+KEY_LEAKS = {
+    "cut-by-the-excerpt": _CUT_BODY,
+    "split-by-a-tag": (
+        f"<html><body><p>Authorization: apikey {API_KEY[:11]}<b></b>{API_KEY[11:]}</p>"
+        "</body></html>"
+    ),
+    "split-by-a-tag-without-apikey": (
+        f"<html><body><p>token {API_KEY[:9]}<span></span>{API_KEY[9:]}</p></body></html>"
+    ),
+    "partial-key-echoed": f"<html><body><p>credential {API_KEY[:12]}...</p></body></html>",
+    "key-in-json": '{"echo": {"Authorization": "apikey ' + API_KEY + '"}}',
+}
+
+
+@pytest.mark.parametrize("status", [400, 502])
+@pytest.mark.parametrize("body", KEY_LEAKS.values(), ids=list(KEY_LEAKS))
+def test_no_fragment_of_the_key_survives_in_an_excerpt(
+    client: AlmaClient,
+    control: AlmaControl,
+    caplog: pytest.LogCaptureFixture,
+    body: str,
+    status: int,
+) -> None:
+    control.fault(status=status, body=body, count=None)
+
+    with pytest.raises(AlmaError) as caught:
+        client.add_members([B])
+
+    assert f"HTTP {status}" in str(caught.value)
+    assert_no_key_fragment(caught.value, caplog)
+
+
+def test_excerpt_keeps_the_text_around_a_scrubbed_key(
+    client: AlmaClient, control: AlmaControl
+) -> None:
+    control.fault(status=400, body=KEY_LEAKS["split-by-a-tag"])
+
+    with pytest.raises(AlmaError) as caught:
+        client.add_members([B])
+
+    assert "Authorization: apikey ***" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        f"Key {API_KEY[:10]}<b></b>{API_KEY[10:]} is unknown.",
+        f"apikey {API_KEY} is unknown.",
+        f"Key {API_KEY[3:15]} is unknown.",
+    ],
+)
+def test_no_fragment_of_the_key_survives_in_an_alma_error_message(
+    client: AlmaClient, control: AlmaControl, caplog: pytest.LogCaptureFixture, message: str
+) -> None:
+    control.fault(status=400, code="UNAUTHORIZED", message=message)
+
+    with pytest.raises(AlmaConfigurationError) as caught:
+        client.add_members([B])
+
+    assert "is unknown" in str(caught.value)
+    assert_no_key_fragment(caught.value, caplog)
+
+
+# -- a 2xx answer that is not the set object
+
+NOT_THE_SET: dict[str, tuple[dict[str, Any], str]] = {
+    "html": ({"shape": "html"}, "200 OK"),
+    "empty": ({"shape": "empty"}, "empty body"),
+    "plain-text": ({"body": "OK", "content_type": "text/plain"}, "OK"),
+    "json-without-id": (
+        {"body": '{"name": "Digifeeds"}', "content_type": "application/json"},
+        "Digifeeds",
+    ),
+    "json-list": ({"body": '[{"id": "1"}]', "content_type": "application/json"}, "id"),
+    "json-error-list": ({"code": "GENERAL_ERROR", "shape": "json"}, "GENERAL_ERROR"),
+    "json-other-set": (
+        {"body": '{"id": "404404", "name": "Other"}', "content_type": "application/json"},
+        "404404",
+    ),
+    "broken-json": ({"body": '{"id": "99', "content_type": "application/json"}, "99"),
+    "xml-error-list": ({"code": "GENERAL_ERROR", "shape": "xml"}, "GENERAL_ERROR"),
+    "xml-other-root": (
+        {"body": "<collection><id>1</id></collection>", "content_type": "application/xml"},
+        "1",
+    ),
+    "xhtml": (
+        {"body": "<html><body><p>Log in</p></body></html>", "content_type": "text/html"},
+        "Log in",
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", NOT_THE_SET, ids=list(NOT_THE_SET))
+def test_2xx_that_is_not_the_set_object_is_an_alma_error(
+    client: AlmaClient, control: AlmaControl, answer: str
+) -> None:
+    spec, expected = NOT_THE_SET[answer]
+    control.fault(status=200, **spec)
+
+    with pytest.raises(AlmaError) as caught:
+        client.add_members([B])
+
+    error = caught.value
+    assert type(error) is AlmaError
+    assert error.kind == "alma"
+    assert error.barcode == B
+    assert error.http_status == 200
+    assert error.code is None
+    assert str(error).startswith(f"{B}: ")
+    assert "HTTP 200" in str(error)
+    assert expected in str(error)
+    assert "<" not in str(error)
+    assert len(str(error)) < 400
+    assert_key_free(error)
+    assert len(api_requests(control)) == 1
+
+
+def test_2xx_that_is_not_the_set_object_in_a_batch_names_the_call(
+    client: AlmaClient, control: AlmaControl
+) -> None:
+    control.fault(status=200, shape="html")
+
+    with pytest.raises(AlmaError) as caught:
+        client.add_members(BARCODES[:3])
+
+    assert caught.value.barcode is None
+    assert "3 barcodes" in str(caught.value)
+    assert "HTTP 200" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [201, 204])
+def test_other_2xx_without_the_set_object_is_an_alma_error(
+    client: AlmaClient, control: AlmaControl, status: int
+) -> None:
+    control.fault(status=status, body="", content_type="text/plain")
+
+    with pytest.raises(AlmaError) as caught:
+        client.add_members([B])
+
+    assert caught.value.http_status == status
+    assert f"HTTP {status}" in str(caught.value)
+
+
+def test_the_simulators_xml_set_object_counts_as_added(
+    alma_sim: AlmaSimulator, client: AlmaClient, control: AlmaControl
+) -> None:
+    # Ask the simulator for its XML answer (no JSON Accept), then serve it to the client.
+    answer = requests.post(
+        f"{alma_sim.url}/conf/sets/{SET_ID}",
+        params={"op": "add_members", "id_type": "BARCODE"},
+        json={"members": {"member": [{"id": BARCODES[1]}]}},
+        headers={"Authorization": f"apikey {API_KEY}", "Accept": "application/xml"},
+        timeout=5,
+    )
+    assert answer.status_code == 200
+    assert answer.text.lstrip().startswith("<?xml")
+    control.fault(status=200, body=answer.text, content_type="application/xml;charset=UTF-8")
+
+    assert client.add_members([B]) == AddResult(added=[B])
+
+
+def test_the_simulators_json_set_object_counts_as_added(
+    client: AlmaClient, control: AlmaControl
+) -> None:
+    assert client.add_members([B]) == AddResult(added=[B])
+
+    [request] = api_requests(control)
+    assert request["fault"] is None
+    assert control.members() == [B]
 
 
 # -- faults worth retrying

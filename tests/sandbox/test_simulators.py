@@ -92,7 +92,10 @@ def test_alma_adds_members_and_answers_with_the_set(
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     body = response.json()
+    assert isinstance(body, dict)
     assert body["id"] == SET_ID
+    assert body["type"]["value"] == "ITEMIZED"
+    assert body["content"]["value"] == "ITEM"
     assert body["number_of_members"]["value"] == 2
     assert B1 not in json.dumps(body)  # members are not echoed
     assert alma.members() == [B1, B2]
@@ -109,6 +112,12 @@ def test_alma_answers_xml_when_json_is_not_asked_for(
     root = xml_root(response.text)
     assert root.tag == "set"
     assert root.findtext("id") == SET_ID
+    assert root.findtext("number_of_members") == "1"
+    set_type = root.find("type")
+    assert set_type is not None
+    assert (set_type.text, set_type.get("desc")) == ("ITEMIZED", "Itemized")
+    assert root.findtext("content") == "ITEM"
+    assert B1 not in response.text  # members are not echoed
 
 
 def test_alma_accepts_an_xml_body(alma_sim: AlmaSimulator, alma: AlmaControl) -> None:
@@ -315,6 +324,27 @@ def test_alma_fault_renders_each_body_shape(
     assert add(alma_sim, B1).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("spec", "check"),
+    [
+        ({"shape": "html"}, lambda r: r.text.startswith("<html>")),
+        ({"shape": "empty"}, lambda r: r.content == b""),
+        ({"body": "OK", "content_type": "text/plain"}, lambda r: r.text == "OK"),
+    ],
+)
+def test_alma_fault_can_answer_200_with_something_other_than_the_set(
+    alma_sim: AlmaSimulator, alma: AlmaControl, spec: dict[str, Any], check: Any
+) -> None:
+    # A proxy or login page answering 200 in Alma's place; nothing is added.
+    alma.fault(status=200, **spec)
+
+    response = add(alma_sim, B1)
+
+    assert response.status_code == 200
+    assert check(response)
+    assert alma.members() == []
+
+
 def test_alma_fault_for_a_barcode_spares_the_others(
     alma_sim: AlmaSimulator, alma: AlmaControl
 ) -> None:
@@ -495,6 +525,19 @@ def test_zephir_fault_answers_then_recovers(
     assert response.text.startswith(body)
     assert item(zephir_sim, f"mdp.{B1}").status_code == 200
     assert [r["fault"] for r in zephir.requests()] == [None, status, None]
+
+
+def test_zephir_fault_can_answer_200_with_a_page_that_is_not_a_record(
+    zephir_sim: ZephirSimulator, zephir: ZephirControl
+) -> None:
+    zephir.fault(status=200, shape="html", barcode=B1)
+
+    response = item(zephir_sim, f"mdp.{B1}", json_wanted=True)
+
+    assert response.status_code == 200
+    assert response.text.startswith("<html>")
+    assert f"mdp.{B1}" not in response.text
+    assert f"mdp.{B1}" in item(zephir_sim, f"mdp.{B1}", json_wanted=True).text
 
 
 def test_zephir_fault_drops_the_connection(
