@@ -126,6 +126,10 @@ class alma(luigi.Config):
         default=10.0,
         description="Client-side limit on Alma calls per second, shared by all workers of a host.",
     )
+    batch_size = luigi.IntParameter(
+        default=50,
+        description="Most barcodes sent to Alma in one add_members call (at most 1000).",
+    )
 
 
 class zephir(luigi.Config):
@@ -250,6 +254,8 @@ def check() -> None:
     if role in ("workflow", "all"):
         if alma().calls_per_second <= 0:
             problems.append("[alma] calls_per_second must be more than 0")
+        if not 1 <= alma().batch_size <= 1000:
+            problems.append("[alma] batch_size must be from 1 to 1000")
         if not Path(pickup().known_hosts).is_file():
             problems.append(f"[pickup] known_hosts {pickup().known_hosts} is not a file")
     for section in sections:

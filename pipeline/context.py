@@ -82,6 +82,11 @@ def alma_stop_file() -> Path:
     return run_folder() / "alma-stopped"
 
 
+def alma_retry_file() -> Path:
+    """Barcodes Alma took in a batch call that failed for another barcode in it."""
+    return run_folder() / "alma-retry"
+
+
 def alma_remaining_file() -> Path:
     """Holds the last X-Exl-Api-Remaining any worker of this run saw."""
     return run_folder() / "alma-remaining"

@@ -17,6 +17,10 @@ from typing import IO
 
 import luigi
 import luigi.configuration
+import luigi.execution_summary
+import luigi.rpc
+import luigi.scheduler
+import luigi.worker
 from luigi.execution_summary import LuigiStatusCode
 from luigi.rpc import RPCError
 
@@ -243,6 +247,65 @@ class RunResult:
         )
 
 
+# The statuses whose markers decide whether the tasks of a chain are complete.
+CHECKED = (
+    Status.ZIPPED,
+    Status.ADDED_TO_DIGIFEEDS_SET,
+    Status.IN_ZEPHIR,
+    Status.READY_FOR_PICKUP,
+    Status.PENDING_DELETION,
+)
+
+
+class ListingWorker(luigi.worker.Worker):
+    """A Luigi worker that stops trusting the batch listing once tasks start running."""
+
+    def run(self) -> bool:
+        context.markers().end_listing()
+        return bool(super().run())
+
+
+class WorkerFactory:
+    """Builds the schedulers and the :class:`ListingWorker` that ``luigi.build`` uses."""
+
+    def create_local_scheduler(self) -> luigi.scheduler.Scheduler:
+        return luigi.scheduler.Scheduler(prune_on_get_work=True, record_task_history=False)
+
+    def create_remote_scheduler(self, url: str) -> luigi.rpc.RemoteScheduler:
+        return luigi.rpc.RemoteScheduler(url)
+
+    def create_worker(
+        self, scheduler: luigi.scheduler.Scheduler, worker_processes: int, assistant: bool = False
+    ) -> ListingWorker:
+        return ListingWorker(
+            scheduler=scheduler, worker_processes=worker_processes, assistant=assistant
+        )
+
+
+def build(
+    barcodes: list[str], goal: str, *, workers: int, local_scheduler: bool
+) -> luigi.execution_summary.LuigiRunResult:
+    """Build one batch: list its markers, schedule it against them, then run it.
+
+    Scheduling checks every task of every chain; the listing answers those checks
+    with a few requests per batch instead of one per task.
+    """
+    context.markers().list_batch(barcodes, CHECKED)
+    try:
+        return luigi.build(
+            [DigifeedsBatch(barcodes=barcodes, goal=goal)],
+            worker_scheduler_factory=WorkerFactory(),
+            workers=workers,
+            local_scheduler=local_scheduler,
+            detailed_summary=True,
+        )
+    except RPCError as exc:
+        url = luigi.configuration.get_config().get("core", "default_scheduler_url", "")
+        raise SchedulerError(f"cannot reach the central scheduler {url}: {exc}") from exc
+    finally:
+        context.markers().end_listing()
+
+
 class RunLocked(Exception):
     """Another run on this host holds the lock."""
 
@@ -308,16 +371,13 @@ def run(*, local_scheduler: bool = False) -> RunResult:
                     break
                 goal = "ZipVolume"
             logger.info("batch %d: %d barcodes", number, len(batch))
-            try:
-                result = luigi.build(
-                    [DigifeedsBatch(barcodes=batch, goal=goal)],
-                    workers=cfg.workers,
-                    local_scheduler=local_scheduler,
-                    detailed_summary=True,
-                )
-            except RPCError as exc:
-                url = luigi.configuration.get_config().get("core", "default_scheduler_url", "")
-                raise SchedulerError(f"cannot reach the central scheduler {url}: {exc}") from exc
+            result = build(batch, goal, workers=cfg.workers, local_scheduler=local_scheduler)
+            taken = read_alma_retry()
+            if taken:
+                # Alma took these in a call that failed for another barcode; Luigi failed
+                # them all with it. Take them on now, as they would have gone alone.
+                logger.info("batch %d: going on with %d barcodes Alma took", number, len(taken))
+                result = build(taken, goal, workers=cfg.workers, local_scheduler=local_scheduler)
             if result.status in _FAILED_RUNS:
                 luigi_failed = True
             if result.status is LuigiStatusCode.NOT_RUN:
@@ -351,6 +411,17 @@ def run(*, local_scheduler: bool = False) -> RunResult:
         handle.close()
         shutil.rmtree(run_folder, ignore_errors=True)
         os.environ.pop(context.RUN_FOLDER_VARIABLE, None)
+
+
+def read_alma_retry() -> list[str]:
+    """Take the barcodes InAlmaSet asked the run to go on with (and forget them)."""
+    path = context.alma_retry_file()
+    try:
+        taken = sorted(set(path.read_text().split()))
+    except OSError:
+        return []
+    path.unlink()
+    return taken
 
 
 def read_alma_remaining() -> int | None:

@@ -28,6 +28,7 @@ import luigi
 from luigi.task import flatten
 
 from pipeline import config, context
+from pipeline.alma import MAX_MEMBERS_PER_CALL
 from pipeline.barcodes import validate
 from pipeline.errors import (
     AlmaConfigurationError,
@@ -342,13 +343,42 @@ class ZipVolume(MarkerTask):
         return True
 
 
-class InAlmaSet(MarkerTask):
-    """Add the barcode to the Digifeeds set in Alma."""
+class BarcodeBatchParameter(BarcodeParameter):
+    """A barcode; for a batch the scheduler made, several barcodes joined by commas."""
 
+    def normalize(self, x: Any) -> str:
+        return ",".join(validate(part) for part in str(x).split(","))
+
+
+class InAlmaSet(MarkerTask):
+    """Add the barcode to the Digifeeds set in Alma.
+
+    Batchable: the scheduler gives one worker every InAlmaSet pending at once, up to
+    ``[alma] batch_size``, as one task whose ``barcode`` lists them all, and they go
+    to Alma in one call. Each barcode still gets the marker it would get alone. A
+    barcode Alma does not know fails the batch in Luigi's eyes; the others are
+    recorded as added, and ``digifeeds run`` takes them on within the same run.
+    """
+
+    barcode = BarcodeBatchParameter(
+        description="The item's barcode (14 digits); a batch lists several, comma-separated.",
+        batch_method=",".join,
+    )
     status = Status.ADDED_TO_DIGIFEEDS_SET
 
-    def requires(self) -> ZipVolume:
-        return ZipVolume(barcode=self.barcode)
+    @property
+    def max_batch_size(self) -> int:  # type: ignore[override]
+        return min(config.alma().batch_size, MAX_MEMBERS_PER_CALL)
+
+    @property
+    def barcodes(self) -> list[str]:
+        return self.barcode.split(",")
+
+    def output(self) -> list[MarkerTarget]:  # type: ignore[override]
+        return [MarkerTarget(context.markers(), b, self.status) for b in self.barcodes]
+
+    def requires(self) -> list[ZipVolume]:
+        return [ZipVolume(barcode=b) for b in self.barcodes]
 
     def run(self) -> None:
         # After a refused key, set or quota, the rest of the run leaves Alma alone.
@@ -360,23 +390,54 @@ class InAlmaSet(MarkerTask):
             )
         client = context.alma()
         try:
-            result = client.add_members([self.barcode])
+            result = client.add_members(self.barcodes)
         except (AlmaConfigurationError, AlmaQuotaError) as exc:
             stop.write_text(str(exc))
             raise
         finally:
             if client.remaining is not None:
                 context.alma_remaining_file().write_text(str(client.remaining))
-        if self.barcode in result.not_found:
-            context.markers().record(self.barcode, Status.NOT_FOUND_IN_ALMA)
-            raise BarcodeNotInAlmaError("not found in Alma (60120)", barcode=self.barcode)
-        already = self.barcode in result.already_in_set
-        logger.info(
-            "%s: %s the Digifeeds set",
-            self.barcode,
-            "already in" if already else "added to",
-        )
-        self.record(already_in_set=already)
+
+        markers = context.markers()
+        for barcode in result.added + result.already_in_set:
+            already = barcode in result.already_in_set
+            logger.info(
+                "%s: %s the Digifeeds set", barcode, "already in" if already else "added to"
+            )
+            markers.record(barcode, self.status, already_in_set=already)
+        if result.not_found:
+            for barcode in result.not_found:
+                markers.record(barcode, Status.NOT_FOUND_IN_ALMA)
+                error = BarcodeNotInAlmaError("not found in Alma (60120)", barcode=barcode)
+                logger.error("%s: InAlmaSet failed: %s", barcode, error.message)
+                record_failure(barcode, self.task_family, error)
+            taken = result.added + result.already_in_set
+            if taken:
+                # Luigi fails the whole batch; the run goes on with these ones.
+                with context.alma_retry_file().open("a") as retry:
+                    retry.write("".join(f"{b}\n" for b in taken))
+            raise BarcodeNotInAlmaError(
+                f"not found in Alma (60120): {', '.join(result.not_found)}",
+                barcode=result.not_found[0] if len(result.not_found) == 1 else None,
+            )
+
+    def on_success(self) -> None:
+        families = {self.task_family, ZipVolume.task_family}
+        for barcode in self.barcodes:
+            context.markers().clear_failure(barcode, families)
+
+    def on_failure(self, exception: BaseException) -> str:
+        """Record the failure of each barcode that failed; the UI shows one message."""
+        if isinstance(exception, AlmaStoppedError):
+            logger.warning("%s: %s", self.barcode, exception.message)
+        elif not isinstance(exception, BarcodeNotInAlmaError):
+            # A failed call fails every barcode in it (the not-found were recorded in run).
+            for barcode in self.barcodes:
+                logger.error("%s: InAlmaSet failed: %s", barcode, exception)
+                record_failure(barcode, self.task_family, exception)
+        if isinstance(exception, DigifeedsError):
+            return str(exception)
+        return f"{type(exception).__name__}: {exception}"
 
 
 class ZephirRecord(luigi.ExternalTask):

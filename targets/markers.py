@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import luigi
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.barcodes import validate
 from pipeline.errors import DigifeedsError, StorageError
@@ -94,6 +95,10 @@ class MarkerStore:
         self.storage = storage
         self.prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
         self._known: set[tuple[Status, str]] = set()
+        # A listing taken for one batch answers negatives too, but only while it is
+        # fresh: from list_batch() to end_listing(), around the scheduling of a build.
+        self._listed: set[tuple[Status, str]] = set()
+        self._listed_scope: frozenset[tuple[Status, str]] = frozenset()
 
     def key(self, barcode: str, status: Status) -> str:
         """Return the S3 key of a marker; the barcode is validated first."""
@@ -107,6 +112,8 @@ class MarkerStore:
         """Tell whether the item has reached ``status`` (at most one HEAD request)."""
         if (status, barcode) in self._known:
             return True
+        if (status, barcode) in self._listed_scope:
+            return (status, barcode) in self._listed
         found = self.storage.exists(self.key(barcode, status))
         if found:
             self._known.add((status, barcode))
@@ -152,10 +159,51 @@ class MarkerStore:
             self._known.add((status, barcode))
         return found
 
-    def prime(self, statuses: Iterable[Status]) -> None:
-        """Learn every existing marker of ``statuses`` with one listing each."""
+    def list_batch(self, barcodes: Iterable[str], statuses: Iterable[Status]) -> int:
+        """List the markers of a batch, so that existence checks cost no request.
+
+        For each status, one listing covers the key range from the batch's first to
+        its last barcode (more pages only where other markers crowd that range). Until
+        :meth:`end_listing`, ``exists`` answers for these barcodes from the listing.
+        Returns the number of listing requests made.
+        """
+        chosen = sorted({validate(b) for b in barcodes})
+        if not chosen:
+            return 0
+        requests = 0
+        scope: set[tuple[Status, str]] = set()
         for status in statuses:
-            self.barcodes_with(status)
+            prefix = f"{self.prefix}{status.value}/"
+            last = f"{prefix}{chosen[-1]}.json"
+            paginator = self.storage.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(
+                Bucket=self.storage.bucket,
+                Prefix=prefix,
+                StartAfter=f"{prefix}{chosen[0][:-1]}",
+            )
+            for page in self._pages(pages, prefix):
+                requests += 1
+                keys = [item["Key"] for item in page.get("Contents", [])]
+                for key in keys:
+                    if key <= last:
+                        self._listed.add((status, key[len(prefix) :].removesuffix(".json")))
+                if not keys or keys[-1] >= last or not page.get("IsTruncated"):
+                    break
+            scope.update((status, barcode) for barcode in chosen)
+        self._listed_scope = frozenset(scope)
+        self._known.update(self._listed & scope)
+        return requests
+
+    def _pages(self, pages: Iterable[dict[str, Any]], prefix: str) -> Iterable[dict[str, Any]]:
+        try:
+            yield from pages
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot list {self.storage.url(prefix)}: {exc}") from exc
+
+    def end_listing(self) -> None:
+        """Stop answering from the batch listing: from now on, negatives ask S3 again."""
+        self._listed = set()
+        self._listed_scope = frozenset()
 
     def record_failure(self, barcode: str, task: str, error: BaseException) -> Failure:
         """Keep the item's latest failure; the message is the error's, never a traceback."""
