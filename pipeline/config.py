@@ -64,7 +64,12 @@ class digifeeds(luigi.Config):  # the section name in luigi.cfg
         description="Barcodes scheduled together in one Luigi build; runs stay linear in "
         "the number of barcodes because builds are bounded.",
     )
-    workers = luigi.IntParameter(default=2, description="Luigi worker processes per build.")
+    workers = luigi.IntParameter(
+        default=1,
+        description="Luigi worker processes per build. With 1, tasks run in the run's own "
+        "process and share its S3, Alma, Zephir and SFTP connections; with more, Luigi "
+        "forks a process per task, each opening its own.",
+    )
     lock_file = luigi.Parameter(
         default="",
         description="File locked for the length of 'digifeeds run' so that overlapping "

@@ -446,6 +446,10 @@ class ZephirRecord(luigi.ExternalTask):
     barcode = BarcodeParameter(description="The item's barcode (14 digits).")
 
     def complete(self) -> bool:
+        # A record, once found, stays: the answer is kept on the task, which the
+        # workers forked after scheduling inherit.
+        if getattr(self, "_found", False):
+            return True
         if context.markers().exists(self.barcode, Status.IN_ZEPHIR):
             return True
         try:
@@ -457,6 +461,7 @@ class ZephirRecord(luigi.ExternalTask):
             raise
         if not found:
             logger.info("%s: not in Zephir yet; waiting", self.barcode)
+        self._found = found
         return found
 
 
@@ -525,7 +530,8 @@ class Delivered(MarkerTask):
         attempt = utc_now()
         started = self.record(Status.COPYING_START)
         resumed = started.timestamp < attempt
-        if not markers.exists(self.barcode, Status.COPYING_END):
+        # A copy that starts now cannot have ended before.
+        if not resumed or not markers.exists(self.barcode, Status.COPYING_END):
             if resumed:
                 logger.warning(
                     "%s: resuming a copy to the pickup that started at %s and did not end; "

@@ -99,6 +99,9 @@ class MarkerStore:
         # fresh: from list_batch() to end_listing(), around the scheduling of a build.
         self._listed: set[tuple[Status, str]] = set()
         self._listed_scope: frozenset[tuple[Status, str]] = frozenset()
+        # Barcodes known to have had no failure record when their batch was listed;
+        # a failure recorded by this process since is forgotten from it.
+        self._unfailed: set[str] = set()
 
     def key(self, barcode: str, status: Status) -> str:
         """Return the S3 key of a marker; the barcode is validated first."""
@@ -192,6 +195,21 @@ class MarkerStore:
             scope.update((status, barcode) for barcode in chosen)
         self._listed_scope = frozenset(scope)
         self._known.update(self._listed & scope)
+
+        # The batch's failure records, so that a success need not look for one.
+        prefix = f"{self.prefix}{FAILED}/"
+        failed: set[str] = set()
+        pages = self.storage.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.storage.bucket, Prefix=prefix, StartAfter=f"{prefix}{chosen[0][:-1]}"
+        )
+        last = f"{prefix}{chosen[-1]}.json"
+        for page in self._pages(pages, prefix):
+            requests += 1
+            keys = [item["Key"] for item in page.get("Contents", [])]
+            failed.update(k[len(prefix) :].removesuffix(".json") for k in keys if k <= last)
+            if not keys or keys[-1] >= last or not page.get("IsTruncated"):
+                break
+        self._unfailed = set(chosen) - failed
         return requests
 
     def _pages(self, pages: Iterable[dict[str, Any]], prefix: str) -> Iterable[dict[str, Any]]:
@@ -209,11 +227,14 @@ class MarkerStore:
         """Keep the item's latest failure; the message is the error's, never a traceback."""
         kind = error.kind if isinstance(error, DigifeedsError) else type(error).__name__
         failure = Failure(barcode, task, kind, str(error), utc_now())
+        self._unfailed.discard(barcode)
         self.storage.put_json(self.failure_key(barcode), failure.to_json())
         return failure
 
     def clear_failure(self, barcode: str, tasks: Iterable[str]) -> None:
         """Forget the item's failure if it was one of ``tasks``, now that they succeeded."""
+        if barcode in self._unfailed:
+            return
         data = self.storage.get_json(self.failure_key(barcode))
         if data and data.get("task") in set(tasks):
             self.storage.delete(self.failure_key(barcode))

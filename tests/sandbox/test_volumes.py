@@ -155,3 +155,17 @@ def test_scaled_volume_needs_page_images(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no page images"):
         make_scaled_volume(tmp_path, sample_barcodes(1)[0], 2, empty)
+
+
+@pytest.mark.slow
+def test_scaled_volume_weighs_what_real_scans_weigh_and_is_repeatable(tmp_path: Path) -> None:
+    source = fixture_volume("39015012078393")
+    barcode = sample_barcodes(1, start=501)[0]
+
+    first = make_scaled_volume(tmp_path / "a", barcode, 2, source)
+    again = make_scaled_volume(tmp_path / "b", barcode, 2, source)
+    pages = [first / "00000001.tif", first / "00000002.jp2"]
+
+    # About 2.5 MB per page, so that 400 pages make the 1 GB volume the benchmarks use.
+    assert 2_000_000 < sum(page.stat().st_size for page in pages) / 2 < 3_000_000
+    assert tree_bytes(first) == tree_bytes(again)

@@ -1,0 +1,191 @@
+"""Run N new barcodes to Delivered against a fresh sandbox, then a no-op rerun.
+
+Zips (tiny, valid) and their ``zipped`` markers are put in the S3 input prefix first,
+as the zipping host leaves them; the simulators answer with no latency and the hold
+is 0 days. Prints, for each size: wall time, S3 requests (counted from the S3
+server's own access log), Alma and Zephir calls (from the simulators' request logs);
+then the no-op rerun against one plain listing of the marker prefix, timed in the
+same run; and the ratio of the largest run's wall time to the smallest's::
+
+    python bench/scale.py --sizes 1000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import boto3
+
+from sandbox.alma_sim import AlmaControl
+from sandbox.services import BUCKET, Ports, Sandbox
+from sandbox.volumes import sample_barcodes
+from sandbox.zephir_sim import ZephirControl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_zip() -> bytes:
+    """A valid zip of one page image and its checksum file."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("00000001.tif", b"II*\x00" + b"\x00" * 60)
+        archive.writestr("checksum.md5", "0" * 32 + "  00000001.tif\n")
+    return out.getvalue()
+
+
+def seed(box: Sandbox, barcodes: list[str]) -> None:
+    """Put each barcode's zip and zipped marker in S3, as the zipping host would."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=box.url("s3"),
+        aws_access_key_id="sandbox",
+        aws_secret_access_key="sandbox",  # noqa: S106 - moto accepts any key
+        region_name="us-east-1",
+    )
+    body = tiny_zip()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+    def put(barcode: str) -> None:
+        client.put_object(Bucket=BUCKET, Key=f"input/{barcode}.zip", Body=body)
+        marker = {"barcode": barcode, "status": "zipped", "timestamp": stamp}
+        client.put_object(
+            Bucket=BUCKET, Key=f"state/zipped/{barcode}.json", Body=json.dumps(marker).encode()
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, barcodes))
+
+
+def s3_requests(box: Sandbox) -> int:
+    """Requests the S3 server has logged so far."""
+    log = (box.logs / "s3.log").read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if '" 20' in line or '" 30' in line or '" 40' in line)
+
+
+def run(env: dict[str, str], *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return time.perf_counter() - started, result
+
+
+def measure(size: int, workers: int) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="digifeeds-bench-"))
+    box = Sandbox(root, Ports.free())
+    box.start()
+    try:
+        config = root / "bench.cfg"
+        config.write_text(
+            box.luigi_config()
+            + f"\n[digifeeds]\nhost_role = workflow\ninput_folder =\nworkers = {workers}\n"
+        )
+        # The override repeats [digifeeds]; write it as one section instead.
+        text = config.read_text().replace(
+            f"\n[digifeeds]\nhost_role = workflow\ninput_folder =\nworkers = {workers}\n", ""
+        )
+        text = text.replace(
+            "[digifeeds]\n",
+            f"[digifeeds]\nhost_role = workflow\nworkers = {workers}\n",
+        ).replace(f"input_folder = {box.input}\n", "input_folder =\n")
+        config.write_text(text)
+        env = {**os.environ, "LUIGI_CONFIG_PATH": str(config)}
+        barcodes = sample_barcodes(size, start=100_000)
+        seed(box, barcodes)
+        alma, zephir = AlmaControl(box.url("alma")), ZephirControl(box.url("zephir"))
+        alma.clear_requests()
+        zephir.clear_requests()
+
+        before = s3_requests(box)
+        seconds, result = run(env, "--hold-days", "0")
+        if result.returncode != 0:
+            print(result.stdout, result.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"the run of {size} barcodes failed ({result.returncode})")
+        figures = {
+            "wall": seconds,
+            "s3": s3_requests(box) - before,
+            "alma": len([r for r in alma.requests() if "/conf/sets/" in r["path"]]),
+            "zephir": len(zephir.requests()),
+            "delivered": len(list(box.pickup.glob("*.zip"))),
+        }
+
+        before = s3_requests(box)
+        figures["noop_wall"], again = run(env, "--hold-days", "0")
+        figures["noop_s3"] = s3_requests(box) - before
+        if again.returncode != 0 or "0 delivered" not in again.stdout:
+            raise SystemExit(f"the no-op rerun did work: {again.stdout}")
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=box.url("s3"),
+            aws_access_key_id="sandbox",
+            aws_secret_access_key="sandbox",  # noqa: S106 - moto accepts any key
+            region_name="us-east-1",
+        )
+        started = time.perf_counter()
+        keys = 0
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix="state/"
+        ):
+            keys += len(page.get("Contents", []))
+        figures["listing_wall"] = time.perf_counter() - started
+        figures["markers"] = keys
+        return figures
+    finally:
+        box.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    results = {}
+    for size in args.sizes:
+        print(f"running {size} barcodes...", flush=True)
+        figures = measure(size, args.workers)
+        results[size] = figures
+        print(
+            f"{size:>6} barcodes: {figures['wall']:7.1f} s, {figures['delivered']:.0f} delivered, "
+            f"S3 {figures['s3']:.0f} requests ({figures['s3'] / size:.1f} per barcode), "
+            f"Alma {figures['alma']:.0f} calls (1 per {size / max(figures['alma'], 1):.0f}), "
+            f"Zephir {figures['zephir']:.0f} calls",
+            flush=True,
+        )
+        print(
+            f"        no-op rerun: {figures['noop_wall']:5.1f} s, S3 {figures['noop_s3']:.0f} "
+            f"requests ({figures['noop_s3'] / size * 1000:.0f} per 1000 barcodes); "
+            f"reference: one listing of {figures['markers']:.0f} markers "
+            f"{figures['listing_wall']:.2f} s",
+            flush=True,
+        )
+    if len(results) > 1:
+        small, large = min(results), max(results)
+        print(
+            f"wall-time ratio {large}/{small}: "
+            f"{results[large]['wall'] / results[small]['wall']:.1f} "
+            f"(linear would be {large / small:.0f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
