@@ -38,7 +38,10 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python bench/sftp_delivery.py
+	$(BIN)/python bench/sftp_delivery.py --size-mb 200 --repeats 3
+	$(BIN)/python bench/zip_volume.py
+	$(BIN)/python bench/zip_memory.py
+	$(BIN)/python bench/scale.py --sizes 1000 10000
 
 clean: stop
 	rm -rf .sandbox

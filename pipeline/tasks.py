@@ -41,7 +41,7 @@ from pipeline.errors import (
     ZephirError,
 )
 from pipeline.status import Status
-from pipeline.volume import inspect_volume, last_change, snapshot, write_zip
+from pipeline.volume import inspect_volume, last_change, md5_of_file, snapshot, write_zip
 from targets.markers import Marker, MarkerTarget, utc_now
 
 logger = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ class ZipVolume(MarkerTask):
             kept.mkdir(parents=True)
             shutil.copy2(zip_path, kept / zip_path.name)
             shutil.copytree(folder, kept / self.barcode, symlinks=True)
+            self.check_kept_copy(folder, kept, summary.md5)
             logger.info("%s: kept a copy in %s", self.barcode, kept)
             _crash_point("kept")
 
@@ -301,6 +302,22 @@ class ZipVolume(MarkerTask):
             return details
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def check_kept_copy(self, folder: Path, kept: Path, zip_md5: str) -> None:
+        """Check the processed copy before anything relies on it.
+
+        Its zip must have the zip's MD5, and every file of the folder must be there
+        with its size.
+        """
+        problems = []
+        if md5_of_file(kept / f"{self.barcode}.zip") != zip_md5:
+            problems.append(f"the copy of the zip in {kept} differs from the zip")
+        for source in sorted(folder.iterdir()):
+            copy = kept / self.barcode / source.name
+            if not copy.exists() or copy.stat().st_size != source.stat().st_size:
+                problems.append(f"the copy of {source.name} in {kept} is missing or incomplete")
+        if problems:
+            raise VolumeError(self.barcode, problems)
 
     def retire(self, folder: Path, details: dict[str, Any]) -> None:
         """Delete the input folder, if it holds only what was zipped.

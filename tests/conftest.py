@@ -15,7 +15,9 @@ import pytest
 from helpers import REPO, s3_client
 
 from pipeline import context
+from sandbox.alma_sim import AlmaControl
 from sandbox.services import BUCKET, Ports, Sandbox
+from sandbox.zephir_sim import ZephirControl
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +54,19 @@ def clean(sandbox: Sandbox) -> Sandbox:
         folder.mkdir(parents=True)
     context.reset()
     return sandbox
+
+
+@pytest.fixture
+def alma(clean: Sandbox) -> AlmaControl:
+    """The sandbox's Alma simulator, reset: every barcode known, the set empty, no faults."""
+    control = AlmaControl(clean.url("alma"))
+    control.reset()
+    return control
+
+
+@pytest.fixture
+def zephir(clean: Sandbox) -> ZephirControl:
+    """The sandbox's Zephir simulator, reset: every record present, no faults."""
+    control = ZephirControl(clean.url("zephir"))
+    control.reset()
+    return control

@@ -21,6 +21,17 @@ FIXTURES = Path(
     os.environ.get("DIGIFEEDS_FIXTURES", REPO.parent / "shared" / "fixtures" / "volumes")
 )
 
+# Every status of an item that went all the way, in order.
+DELIVERED = [
+    "zipped",
+    "added_to_digifeeds_set",
+    "in_zephir",
+    "ready_for_pickup",
+    "copying_start",
+    "copying_end",
+    "pending_deletion",
+]
+
 _barcode_numbers = itertools.count(1000)
 
 
@@ -48,6 +59,18 @@ def digifeeds(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def luigi_command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the plain ``luigi --module pipeline`` command from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "luigi", "--module", "pipeline", *args],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from helpers import config_with, count_requests, digifeeds, failure, history, new_barcodes
+from helpers import (
+    DELIVERED,
+    config_with,
+    count_requests,
+    digifeeds,
+    failure,
+    history,
+    new_barcodes,
+)
 
 from pipeline.status import Status
 from pipeline.storage import Storage
@@ -14,30 +21,6 @@ from sandbox.services import BUCKET, Sandbox
 from sandbox.volumes import make_volume
 from sandbox.zephir_sim import ZephirControl
 from targets.markers import MarkerStore
-
-DELIVERED = [
-    "zipped",
-    "added_to_digifeeds_set",
-    "in_zephir",
-    "ready_for_pickup",
-    "copying_start",
-    "copying_end",
-    "pending_deletion",
-]
-
-
-@pytest.fixture
-def alma(clean: Sandbox) -> AlmaControl:
-    control = AlmaControl(clean.url("alma"))
-    control.reset()
-    return control
-
-
-@pytest.fixture
-def zephir(clean: Sandbox) -> ZephirControl:
-    control = ZephirControl(clean.url("zephir"))
-    control.reset()
-    return control
 
 
 def outcomes(barcodes: list[str]) -> dict[str, tuple[list[str], str | None]]:

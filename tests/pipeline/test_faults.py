@@ -12,36 +12,12 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import config_with, digifeeds, failure, history, new_barcodes, s3_client
+from helpers import DELIVERED, config_with, digifeeds, failure, history, new_barcodes, s3_client
 
 from sandbox.alma_sim import AlmaControl
 from sandbox.services import BUCKET, Sandbox
 from sandbox.volumes import make_volume
 from sandbox.zephir_sim import ZephirControl
-
-DELIVERED = [
-    "zipped",
-    "added_to_digifeeds_set",
-    "in_zephir",
-    "ready_for_pickup",
-    "copying_start",
-    "copying_end",
-    "pending_deletion",
-]
-
-
-@pytest.fixture
-def alma(clean: Sandbox) -> AlmaControl:
-    control = AlmaControl(clean.url("alma"))
-    control.reset()
-    return control
-
-
-@pytest.fixture
-def zephir(clean: Sandbox) -> ZephirControl:
-    control = ZephirControl(clean.url("zephir"))
-    control.reset()
-    return control
 
 
 def alma_calls(alma: AlmaControl, barcode: str) -> int:

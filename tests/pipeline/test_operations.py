@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import requests
 from helpers import REPO, count_requests, digifeeds, new_barcodes
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,20 +23,6 @@ from sandbox.zephir_sim import ZephirControl
 from targets.markers import MarkerStore
 
 MONITORING = REPO / "monitoring"
-
-
-@pytest.fixture
-def alma(clean: Sandbox) -> AlmaControl:
-    control = AlmaControl(clean.url("alma"))
-    control.reset()
-    return control
-
-
-@pytest.fixture
-def zephir(clean: Sandbox) -> ZephirControl:
-    control = ZephirControl(clean.url("zephir"))
-    control.reset()
-    return control
 
 
 def pushed(sandbox: Sandbox) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -621,3 +621,43 @@ def test_refused_connection_is_a_pickup_error(tmp_path: Path) -> None:
 def test_client_needs_a_key_or_a_password(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError):
         PickupClient("127.0.0.1", 22, "nobody", "/pickup", tmp_path / "known_hosts")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs inside the test's folder, as a pickup disk that fills up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_delivery_cleanly_and_a_rerun_delivers(
+    sshd: SshdServer, small_disk: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "big.zip"
+    source.write_bytes(os.urandom(512 * 1024))
+    client = make_client(sshd, directory=str(small_disk))
+
+    with client, pytest.raises(PickupError) as raised:
+        client.deliver_file(source, BARCODE)
+
+    assert BARCODE in str(raised.value)
+    assert list(small_disk.iterdir()) == []
+
+    # Room is made (a person clears the disk); the next run delivers the zip whole.
+    source.write_bytes(os.urandom(100 * 1024))
+    with make_client(sshd, directory=str(small_disk)) as again:
+        again.deliver_file(source, BARCODE)
+    assert (small_disk / f"{BARCODE}.zip").read_bytes() == source.read_bytes()
+    assert [p.name for p in small_disk.iterdir()] == [f"{BARCODE}.zip"]

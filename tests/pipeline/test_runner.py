@@ -5,20 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import requests
 from helpers import (
+    DELIVERED,
     FIXTURES,
-    REPO,
     config_with,
     digifeeds,
     failure,
     history,
+    luigi_command,
     new_barcodes,
     s3_client,
     snapshot,
@@ -28,30 +27,6 @@ from sandbox.alma_sim import AlmaControl
 from sandbox.services import BUCKET, Sandbox
 from sandbox.volumes import make_volume
 from sandbox.zephir_sim import ZephirControl
-
-DELIVERED = [
-    "zipped",
-    "added_to_digifeeds_set",
-    "in_zephir",
-    "ready_for_pickup",
-    "copying_start",
-    "copying_end",
-    "pending_deletion",
-]
-
-
-@pytest.fixture
-def alma(clean: Sandbox) -> AlmaControl:
-    control = AlmaControl(clean.url("alma"))
-    control.reset()
-    return control
-
-
-@pytest.fixture
-def zephir(clean: Sandbox) -> ZephirControl:
-    control = ZephirControl(clean.url("zephir"))
-    control.reset()
-    return control
 
 
 def keys(sandbox: Sandbox, prefix: str) -> set[str]:
@@ -212,14 +187,7 @@ def test_the_luigi_command_delivers_one_barcode_through_the_central_scheduler(
     make_volume(clean.input, barcode)
     make_volume(clean.input, other)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "luigi", "--module", "pipeline", "Delivered", "--barcode", barcode],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = luigi_command("Delivered", "--barcode", barcode)
 
     assert result.returncode == 0, result.stderr
     assert (clean.pickup / f"{barcode}.zip").exists()
@@ -241,37 +209,13 @@ def test_the_luigi_command_fails_with_a_nonzero_exit_when_a_task_fails(
     make_volume(clean.input, barcode)
     alma.mark_missing(barcode)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "luigi", "--module", "pipeline", "Delivered", "--barcode", barcode],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = luigi_command("Delivered", "--barcode", barcode)
 
     assert result.returncode == 30, result.stderr
 
 
 def test_an_invalid_barcode_is_refused_before_use(clean: Sandbox) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "luigi",
-            "--module",
-            "pipeline",
-            "Delivered",
-            "--barcode",
-            "../../etc/passwd",
-            "--local-scheduler",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = luigi_command("Delivered", "--barcode", "../../etc/passwd", "--local-scheduler")
 
     assert result.returncode != 0
     assert "not a valid barcode" in result.stderr + result.stdout

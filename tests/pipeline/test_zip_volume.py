@@ -37,20 +37,6 @@ MARKED = CRASH_POINTS.index("zipped")
 SHORT_SETTLE_MINUTES = 0.1
 
 
-@pytest.fixture
-def alma(clean: Sandbox) -> AlmaControl:
-    control = AlmaControl(clean.url("alma"))
-    control.reset()
-    return control
-
-
-@pytest.fixture
-def zephir(clean: Sandbox) -> ZephirControl:
-    control = ZephirControl(clean.url("zephir"))
-    control.reset()
-    return control
-
-
 def input_zips(sandbox: Sandbox) -> dict[str, bytes]:
     """Every object in the S3 input prefix, with its bytes."""
     client = s3_client(sandbox)
