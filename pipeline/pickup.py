@@ -514,4 +514,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, EOFError):
         return f"the connection was closed ({type(exc).__name__})"
     text = str(exc).strip()
+    if text == "Failure":
+        # SFTP's generic failure: OpenSSH sends it for a full disk or a quota, too.
+        text += " (the server gave no reason; a full disk or a quota are the usual causes)"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

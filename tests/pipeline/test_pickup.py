@@ -653,6 +653,7 @@ def test_a_full_disk_fails_the_delivery_cleanly_and_a_rerun_delivers(
         client.deliver_file(source, BARCODE)
 
     assert BARCODE in str(raised.value)
+    assert "a full disk or a quota" in str(raised.value)
     assert list(small_disk.iterdir()) == []
 
     # Room is made (a person clears the disk); the next run delivers the zip whole.
