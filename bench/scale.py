@@ -27,8 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3
-
 from sandbox.alma_sim import AlmaControl
 from sandbox.services import BUCKET, Ports, Sandbox
 from sandbox.volumes import sample_barcodes
@@ -48,13 +46,7 @@ def tiny_zip() -> bytes:
 
 def seed(box: Sandbox, barcodes: list[str]) -> None:
     """Put each barcode's zip and zipped marker in S3, as the zipping host would."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=box.url("s3"),
-        aws_access_key_id="sandbox",
-        aws_secret_access_key="sandbox",  # noqa: S106 - moto accepts any key
-        region_name="us-east-1",
-    )
+    client = box.s3_client()
     body = tiny_zip()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 
@@ -133,13 +125,7 @@ def measure(size: int, workers: int) -> dict[str, float]:
         if again.returncode != 0 or "0 delivered" not in again.stdout:
             raise SystemExit(f"the no-op rerun did work: {again.stdout}")
 
-        client = boto3.client(
-            "s3",
-            endpoint_url=box.url("s3"),
-            aws_access_key_id="sandbox",
-            aws_secret_access_key="sandbox",  # noqa: S106 - moto accepts any key
-            region_name="us-east-1",
-        )
+        client = box.s3_client()
         started = time.perf_counter()
         keys = 0
         for page in client.get_paginator("list_objects_v2").paginate(

@@ -204,27 +204,6 @@ class Storage:
             digest = hashlib.sha256(b"".join(digests)).digest()
         return base64.b64encode(digest).decode("ascii")
 
-    def download(self, key: str, target: IO[bytes], *, progress: Progress | None = None) -> None:
-        """Copy the object at ``key`` into the open binary file ``target``."""
-        stored = self.head(key)
-        if stored is None:
-            raise StorageError(f"{self.url(key)} does not exist")
-        size = stored["ContentLength"]
-        done = 0
-
-        def on_bytes(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress:
-                progress(done, size)
-
-        try:
-            self.client.download_fileobj(
-                self.bucket, key, target, Config=self.transfer, Callback=on_bytes
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot download {self.url(key)}: {exc}") from exc
-
     @contextlib.contextmanager
     def open(self, key: str) -> Iterator[tuple[IO[bytes], int]]:
         """Open the object at ``key`` for streaming; yields the body and its size."""

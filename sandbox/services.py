@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -251,17 +252,21 @@ class Sandbox:
                 raise TimeoutError(f"{path} did not appear")
             time.sleep(0.1)
 
-    def create_bucket(self) -> None:
-        """Create the sandbox bucket in the S3 server, if it is not there."""
+    def s3_client(self) -> Any:
+        """A plain boto3 client on the sandbox's S3 server, to look behind the pipeline."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.url("s3"),
             aws_access_key_id="sandbox",
             aws_secret_access_key="sandbox",  # noqa: S106 - moto accepts any key
             region_name="us-east-1",
         )
+
+    def create_bucket(self) -> None:
+        """Create the sandbox bucket in the S3 server, if it is not there."""
+        client = self.s3_client()
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         if BUCKET not in existing:
             client.create_bucket(Bucket=BUCKET)

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
-
 from pipeline.storage import Storage
 from sandbox.services import Sandbox
 from sandbox.volumes import sample_barcodes
@@ -42,13 +40,7 @@ def new_barcodes(count: int) -> list[str]:
 
 def s3_client(sandbox: Sandbox):  # type: ignore[no-untyped-def]
     """A plain boto3 client on the sandbox's S3 server, for looking behind the pipeline."""
-    return boto3.client(
-        "s3",
-        endpoint_url=sandbox.url("s3"),
-        aws_access_key_id="sandbox",
-        aws_secret_access_key="sandbox",
-        region_name="us-east-1",
-    )
+    return sandbox.s3_client()
 
 
 def digifeeds(
