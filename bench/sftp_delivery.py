@@ -40,23 +40,8 @@ def time_sftp(server: SshdServer, source: Path, work: Path, cipher: str | None) 
     target = server.pickup_dir / "sftp.zip"
     batch = work / "batch"
     batch.write_text(f"put {source} {target}\n")
-    command = [
-        "sftp",
-        "-q",
-        "-b",
-        str(batch),
-        "-i",
-        str(server.client_key),
-        "-o",
-        f"UserKnownHostsFile={server.known_hosts}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "BatchMode=yes",
-        "-P",
-        str(server.port),
-        f"{server.username}@{server.host}",
-    ]
+    command = server.sftp_command(batch)
+    command[1:1] = ["-q"]
     if cipher:
         command[1:1] = ["-c", cipher]
     started = time.perf_counter()

@@ -161,6 +161,25 @@ class SshdServer:
         _kill(children)
         logger.info("stopped sshd on %s:%s", self.host, self._port)
 
+    def sftp_command(self, batch: Path) -> list[str]:
+        """OpenSSH's ``sftp`` running ``batch`` against this server, key and pin included."""
+        return [
+            "sftp",
+            "-b",
+            str(batch),
+            "-i",
+            str(self.client_key),
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-P",
+            str(self.port),
+            f"{self.username}@{self.host}",
+        ]
+
     def drop_connections(self) -> int:
         """Kill the processes serving current connections; return how many were killed.
 

@@ -47,22 +47,7 @@ def sftp_batch(
     batch = tmp_path / "batch"
     batch.write_text(commands)
     return subprocess.run(
-        [
-            "sftp",
-            "-b",
-            str(batch),
-            "-i",
-            str(server.client_key),
-            "-o",
-            f"UserKnownHostsFile={server.known_hosts}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-P",
-            str(server.port),
-            f"{server.username}@{server.host}",
-        ],
+        server.sftp_command(batch),
         capture_output=True,
         text=True,
         timeout=30,
