@@ -17,6 +17,7 @@ import concurrent.futures
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,20 @@ def s3_requests(box: Sandbox) -> int:
     return sum(1 for line in log.splitlines() if '" 20' in line or '" 30' in line or '" 40' in line)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process and its waited-for children have used, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def service_cpu(box: Sandbox) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in box.running().items()}
+
+
 def run(env: dict[str, str], *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
     started = time.perf_counter()
     result = subprocess.run(
@@ -107,7 +122,11 @@ def measure(size: int, workers: int) -> dict[str, float]:
         zephir.clear_requests()
 
         before = s3_requests(box)
+        cpu_before = service_cpu(box)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         seconds, result = run(env, "--hold-days", "0")
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_after = service_cpu(box)
         if result.returncode != 0:
             print(result.stdout, result.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"the run of {size} barcodes failed ({result.returncode})")
@@ -117,7 +136,11 @@ def measure(size: int, workers: int) -> dict[str, float]:
             "alma": len([r for r in alma.requests() if "/conf/sets/" in r["path"]]),
             "zephir": len(zephir.requests()),
             "delivered": len(list(box.pickup.glob("*.zip"))),
+            "cpu_run": (children_after.ru_utime + children_after.ru_stime)
+            - (children_before.ru_utime + children_before.ru_stime),
         }
+        for name, value in cpu_after.items():
+            figures[f"cpu_{name}"] = value - cpu_before.get(name, 0.0)
 
         before = s3_requests(box)
         figures["noop_wall"], again = run(env, "--hold-days", "0")
@@ -155,6 +178,11 @@ def main() -> None:
             f"S3 {figures['s3']:.0f} requests ({figures['s3'] / size:.1f} per barcode), "
             f"Alma {figures['alma']:.0f} calls (1 per {size / max(figures['alma'], 1):.0f}), "
             f"Zephir {figures['zephir']:.0f} calls",
+            flush=True,
+        )
+        cpu = {k[4:]: v for k, v in figures.items() if k.startswith("cpu_")}
+        print(
+            "        CPU seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())),
             flush=True,
         )
         print(

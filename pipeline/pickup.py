@@ -169,7 +169,9 @@ class PickupClient:
         ``<barcode>.zip`` already there, or appearing during the upload, is refused
         with :class:`PickupError` and left alone, whatever its size. Otherwise the
         bytes go to a temporary name, their size is confirmed, and the file is
-        renamed into place.
+        renamed into place. Temporary files of ``barcode`` that an interrupted
+        attempt left are removed when resuming (``existing_ok``) only, so that a
+        first attempt costs no listing of the pickup directory.
         Raises :class:`~pipeline.errors.InvalidBarcodeError` before connecting for
         a bad barcode, :class:`HostKeyError` for an unpinned or changed host key and
         :class:`PickupError` for every other failure.
@@ -190,8 +192,12 @@ class PickupClient:
                     progress(size, size)
                 return
 
-            step = f"looking in {self.directory} for temporary files left by an earlier delivery"
-            self._remove_stale(sftp, barcode)
+            if existing_ok:
+                # Only an attempt of our own that was cut short leaves temporary files,
+                # and a first attempt has none before it: listing the pickup, which
+                # grows with every delivery, is for resuming only.
+                step = f"looking in {self.directory} for what an earlier attempt left"
+                self._remove_stale(sftp, barcode)
 
             step = f"uploading {temp}"
             logger.info("%s: uploading %s bytes to %s as %s", barcode, size, self.address, temp)

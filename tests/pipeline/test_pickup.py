@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 
 from pipeline.barcodes import with_check_digit
@@ -268,6 +269,33 @@ def test_stale_temporary_files_of_the_barcode_are_removed(
 
     assert not stale.exists()
     assert all(path.exists() for path in others)
+    assert (pickup / f"{BARCODE}.zip").read_bytes() == source.read_bytes()
+
+
+def test_a_first_attempt_does_not_list_the_pickup_directory(
+    sshd: SshdServer, pickup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pickup holds every earlier delivery; listing it on each delivery made a run
+    # quadratic in the number of barcodes. Only a resumed attempt looks for leftovers.
+    listed: list[str] = []
+    original = paramiko.SFTPClient.listdir
+
+    def listdir(self: paramiko.SFTPClient, path: str = ".") -> list[str]:
+        listed.append(path)
+        return original(self, path)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "listdir", listdir)
+    source = make_zip(tmp_path / "volume.zip", 50_000)
+    with make_client(sshd) as client:
+        client.deliver_file(source, BARCODE, existing_ok=False)
+        assert listed == []
+        client.deliver_file(source, BARCODE, existing_ok=True)
+    assert len(listed) == 0  # already delivered: nothing to upload, nothing to clean
+
+    (pickup / f"{BARCODE}.zip").unlink()
+    with make_client(sshd) as client:
+        client.deliver_file(source, BARCODE, existing_ok=True)
+    assert len(listed) == 1
     assert (pickup / f"{BARCODE}.zip").read_bytes() == source.read_bytes()
 
 
