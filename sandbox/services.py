@@ -124,7 +124,7 @@ class Sandbox:
         """The command line of each service."""
         python = sys.executable
         return {
-            "s3": [find_program("moto_server"), "-H", HOST, "-p", str(self.ports.s3)],
+            "s3": [python, "-m", "sandbox.s3_server", "--host", HOST, "--port", str(self.ports.s3)],
             "alma": [
                 python,
                 "-m",
