@@ -65,10 +65,10 @@ class digifeeds(luigi.Config):  # the section name in luigi.cfg
         "the number of barcodes because builds are bounded.",
     )
     workers = luigi.IntParameter(
-        default=1,
-        description="Luigi worker processes per build. With 1, tasks run in the run's own "
-        "process and share its S3, Alma, Zephir and SFTP connections; with more, Luigi "
-        "forks a process per task, each opening its own.",
+        default=2,
+        description="Batches 'digifeeds run' builds at once, each in a builder process that "
+        "runs its tasks itself and keeps its S3, Alma, Zephir and SFTP connections for "
+        "all of them. 1 builds in the run's own process.",
     )
     lock_file = luigi.Parameter(
         default="",

@@ -83,8 +83,11 @@ def alma_stop_file() -> Path:
 
 
 def alma_retry_file() -> Path:
-    """Barcodes Alma took in a batch call that failed for another barcode in it."""
-    return run_folder() / "alma-retry"
+    """Barcodes Alma took in a batch call that failed for another barcode in it.
+
+    One file per process: each of a run's builders goes on with its own.
+    """
+    return run_folder() / f"alma-retry.{os.getpid()}"
 
 
 def alma_remaining_file() -> Path:

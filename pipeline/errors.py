@@ -124,3 +124,9 @@ class SchedulerError(DigifeedsError):
     """The central scheduler (luigid) cannot be reached."""
 
     kind = "scheduler"
+
+
+class BuilderError(DigifeedsError):
+    """A process building batches of a run died."""
+
+    kind = "builder"

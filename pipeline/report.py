@@ -1,4 +1,4 @@
-"""What the markers say about every item, read with one listing per status."""
+"""What the markers say about every item, read with one listing of them all."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline.status import Status
-from targets.markers import Failure, MarkerStore
+from targets.markers import Failure, Listing, MarkerStore
 
 # The statuses of the chain, in order; an item's current status is the last it reached.
 CHAIN = (
@@ -67,13 +67,22 @@ class Report:
 
     @classmethod
     def read(cls, store: MarkerStore, *, now: dt.datetime | None = None) -> Report:
-        """Read every marker: one listing request per status and thousand markers."""
+        """Read every marker: one listing request per thousand objects, one read per failure."""
+        return cls.from_listing(store.list_all(), store, now=now)
+
+    @classmethod
+    def from_listing(
+        cls, listing: Listing, store: MarkerStore, *, now: dt.datetime | None = None
+    ) -> Report:
+        """Describe every item in ``listing``, reading each failure record it found."""
         items: dict[str, Item] = {}
         for status in CHAIN:
-            for barcode, written in store.barcodes_with(status).items():
+            for barcode, written in listing.barcodes_with(status).items():
                 items.setdefault(barcode, Item(barcode)).reached[status] = written
-        for failure in store.failures():
-            items.setdefault(failure.barcode, Item(failure.barcode)).failure = failure
+        for barcode in sorted(listing.failed):
+            failure = store.failure(barcode)
+            if failure is not None:
+                items.setdefault(barcode, Item(barcode)).failure = failure
         return cls(items, now or dt.datetime.now(dt.UTC))
 
     def counts(self) -> dict[str, int]:

@@ -7,13 +7,18 @@ import dataclasses
 import datetime as dt
 import fcntl
 import logging
+import logging.handlers
+import multiprocessing
+import multiprocessing.queues
 import os
+import queue
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import luigi
 import luigi.configuration
@@ -26,10 +31,17 @@ from luigi.rpc import RPCError
 
 from pipeline import config, context, metrics
 from pipeline.barcodes import is_valid
-from pipeline.errors import ConfigurationError, SchedulerError, StorageError
+from pipeline.errors import (
+    BuilderError,
+    ConfigurationError,
+    DigifeedsError,
+    SchedulerError,
+    StorageError,
+)
 from pipeline.report import Report
 from pipeline.status import Status
 from pipeline.tasks import Delivered, ZipVolume, volume_folder
+from targets.markers import Listing
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +107,12 @@ class Discovery:
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def discover(role: str) -> Discovery:
+def discover(role: str, listing: Listing | None = None) -> Discovery:
     """Find the barcodes this host works on.
 
     The zipping host: every folder in the input folder. The workflow host: every zip
-    in the S3 input prefix, and every item whose delivery started and did not end.
+    in the S3 input prefix, and every item whose delivery started and did not end
+    (by ``listing``, or a listing of the markers taken now).
     Names that are not barcodes are refused and left where they are.
     """
     found: set[str] = set()
@@ -124,16 +137,17 @@ def discover(role: str) -> Discovery:
                 found.add(barcode)
             else:
                 rejected[item["Key"]] = "not a <barcode>.zip in the input prefix"
-        markers = context.markers()
-        zipped = markers.barcodes_with(Status.ZIPPED)
+        if listing is None:
+            listing = context.markers().list_all()
+        zipped = listing.barcodes_with(Status.ZIPPED)
         for barcode in sorted(found - set(zipped)):
             logger.warning(
                 "%s: its zip is in the input prefix but has no zipped marker; "
                 "it waits until the zipping host records it",
                 barcode,
             )
-        started = markers.barcodes_with(Status.COPYING_START)
-        finished = markers.barcodes_with(Status.PENDING_DELETION)
+        started = listing.barcodes_with(Status.COPYING_START)
+        finished = listing.barcodes_with(Status.PENDING_DELETION)
         found.update(set(started) - set(finished))
     for name, reason in rejected.items():
         logger.error("%s: refused: %s", name, reason)
@@ -283,19 +297,20 @@ class WorkerFactory:
 
 
 def build(
-    barcodes: list[str], goal: str, *, workers: int, local_scheduler: bool
+    barcodes: list[str], goal: str, *, listing: Listing, local_scheduler: bool
 ) -> luigi.execution_summary.LuigiRunResult:
-    """Build one batch: list its markers, schedule it against them, then run it.
+    """Build one batch in this process: schedule it against ``listing``, then run it.
 
-    Scheduling checks every task of every chain; the listing answers those checks
-    with a few requests per batch instead of one per task.
+    Scheduling checks every task of every chain; the run's listing answers those
+    checks without a request each. The listing is dropped before any task runs, so a
+    task never takes a stale "not done" for an answer.
     """
-    context.markers().list_batch(barcodes, CHECKED)
+    context.markers().use_listing(listing)
     try:
         return luigi.build(
             [DigifeedsBatch(barcodes=barcodes, goal=goal)],
             worker_scheduler_factory=WorkerFactory(),
-            workers=workers,
+            workers=1,
             local_scheduler=local_scheduler,
             detailed_summary=True,
         )
@@ -304,6 +319,175 @@ def build(
         raise SchedulerError(f"cannot reach the central scheduler {url}: {exc}") from exc
     finally:
         context.markers().end_listing()
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch of a run, as a builder takes it."""
+
+    number: int
+    barcodes: list[str]
+    goal: str
+    local_scheduler: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutcome:
+    """How a batch ended: Luigi's status, or None when Alma's stop left it alone."""
+
+    number: int
+    status: LuigiStatusCode | None
+
+
+# What a builder process needs besides its batches: the run's listing of the markers.
+_builder_listing: Listing | None = None
+
+
+def start_builder(
+    listing: Listing, log_queue: multiprocessing.queues.Queue[logging.LogRecord] | None
+) -> None:
+    """Prepare this process to build batches: keep the listing; log through the queue.
+
+    A forked builder sends its log records to the run's process, which writes them
+    with its own handlers (a rotating file is safe with one writer only).
+    """
+    global _builder_listing
+    _builder_listing = listing
+    if log_queue is not None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(logging.handlers.QueueHandler(log_queue))
+
+
+def build_batch(batch: Batch) -> BatchOutcome:
+    """Build one batch to its goal, then go on with what Alma took in a failed call."""
+    if _builder_listing is None:
+        raise RuntimeError("build_batch() before start_builder()")
+    goal = batch.goal
+    if goal == "Delivered" and context.alma_stop_file().exists():
+        # Alma refused us: the other barcodes are only zipped, or left alone.
+        if config.digifeeds().host_role == "workflow":
+            return BatchOutcome(batch.number, None)
+        goal = "ZipVolume"
+    logger.info("batch %d: %d barcodes", batch.number, len(batch.barcodes))
+    result = build(
+        batch.barcodes, goal, listing=_builder_listing, local_scheduler=batch.local_scheduler
+    )
+    taken = read_alma_retry()
+    if taken:
+        # Alma took these in a call that failed for another barcode; Luigi failed
+        # them all with it. Take them on now, as they would have gone alone.
+        logger.info("batch %d: going on with %d barcodes Alma took", batch.number, len(taken))
+        result = build(taken, goal, listing=_builder_listing, local_scheduler=batch.local_scheduler)
+    logger.info("batch %d: %s", batch.number, result.status.name)
+    return BatchOutcome(batch.number, result.status)
+
+
+def build_all(batches: list[Batch], workers: int, listing: Listing) -> list[BatchOutcome]:
+    """Build every batch: in this process, or in ``workers`` builder processes at once.
+
+    Each builder is one long-lived process that takes batch after batch from a queue
+    and runs their tasks itself, so its S3, SFTP and HTTP connections serve every
+    task it runs. A builder that dies fails the batch it was building; the others go
+    on. An error that stops a builder (luigid out of reach, say) stops the run: the
+    batches not yet taken are left, and the error is raised once the builders stop.
+    """
+    if workers <= 1 or len(batches) <= 1:
+        start_builder(listing, None)
+        return [_logged(build_batch(batch), len(batches)) for batch in batches]
+    fork = multiprocessing.get_context("fork")
+    todo: multiprocessing.queues.Queue[Batch | None] = fork.Queue()
+    told: multiprocessing.queues.Queue[tuple[str, int, Any]] = fork.Queue()
+    log_queue: multiprocessing.queues.Queue[logging.LogRecord] = fork.Queue()
+    stop = fork.Event()
+    for batch in batches:
+        todo.put(batch)
+    builders = [
+        fork.Process(
+            target=_builder,
+            args=(todo, told, stop, listing, log_queue),
+            name=f"digifeeds-builder-{number}",
+            daemon=True,
+        )
+        for number in range(1, min(workers, len(batches)) + 1)
+    ]
+    for builder in builders:
+        todo.put(None)  # one "no more" for each builder
+        builder.start()
+    # The listener's thread starts after the forks, so that none copies a held lock.
+    listener = logging.handlers.QueueListener(
+        log_queue, *logging.getLogger().handlers, respect_handler_level=True
+    )
+    listener.start()
+    outcomes: dict[int, BatchOutcome] = {}
+    building: dict[int, int] = {}
+    stopped: list[str] = []
+    try:
+        running = {builder.pid or 0: builder for builder in builders}
+        while running:
+            try:
+                what, pid, value = told.get(timeout=1.0)
+            except queue.Empty:
+                for gone, builder in list(running.items()):
+                    if builder.is_alive():
+                        continue
+                    del running[gone]
+                    if gone in building:
+                        number = building.pop(gone)
+                        logger.error(
+                            "batch %d: its builder (pid %s) died (exit code %s); "
+                            "its unfinished tasks are left for the next run",
+                            number,
+                            gone,
+                            builder.exitcode,
+                        )
+                        outcomes[number] = _logged(
+                            BatchOutcome(number, LuigiStatusCode.FAILED), len(batches)
+                        )
+                continue
+            if what == "started":
+                building[pid] = value
+            elif what == "built":
+                building.pop(pid, None)
+                outcomes[value.number] = _logged(value, len(batches))
+            elif what == "stopped":
+                building.pop(pid, None)
+                stopped.append(value)
+                stop.set()
+    finally:
+        for builder in builders:
+            builder.join()
+        listener.stop()
+    if stopped:
+        left = len(batches) - len(outcomes)
+        raise BuilderError(f"{stopped[0]} ({left} batches left for the next run)")
+    return [outcomes[number] for number in sorted(outcomes)]
+
+
+def _builder(
+    todo: multiprocessing.queues.Queue[Batch | None],
+    told: multiprocessing.queues.Queue[tuple[str, int, Any]],
+    stop: EventType,
+    listing: Listing,
+    log_queue: multiprocessing.queues.Queue[logging.LogRecord],
+) -> None:
+    """A builder process: build batches from ``todo`` until there are no more, or a stop."""
+    start_builder(listing, log_queue)
+    pid = os.getpid()
+    while not stop.is_set() and (batch := todo.get()) is not None:
+        told.put(("started", pid, batch.number))
+        try:
+            told.put(("built", pid, build_batch(batch)))
+        except DigifeedsError as exc:
+            told.put(("stopped", pid, str(exc)))
+            return
+
+
+def _logged(outcome: BatchOutcome, total: int) -> BatchOutcome:
+    status = outcome.status.name if outcome.status else "left alone: Alma calls stopped"
+    logger.info("batch %d of %d: %s", outcome.number, total, status)
+    return outcome
 
 
 class RunLocked(Exception):
@@ -353,44 +537,38 @@ def run(*, local_scheduler: bool = False) -> RunResult:
         started = time.time()
         run_folder = Path(tempfile.mkdtemp(prefix="digifeeds-run-"))
         os.environ[context.RUN_FOLDER_VARIABLE] = str(run_folder)
-        found = discover(role)
+        markers = context.markers()
+        listing = markers.list_all()
+        found = discover(role, listing)
         logger.info("%s run: %d barcodes to work on", role, len(found.barcodes))
         goal = "ZipVolume" if role == "zip" else "Delivered"
-        luigi_failed = False
-        held = 0
         # Logging is the command's, configured before the run; Luigi leaves it alone.
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
-        for number, batch in enumerate(batches(found.barcodes, cfg.batch_size), start=1):
-            if goal == "Delivered" and context.alma_stop_file().exists():
-                # Alma refused us: the other barcodes are only zipped, or left alone.
-                logger.error(
-                    "Alma calls stopped for the rest of this run: %s",
-                    context.alma_stop_file().read_text(),
-                )
-                if role == "workflow":
-                    break
-                goal = "ZipVolume"
-            logger.info("batch %d: %d barcodes", number, len(batch))
-            result = build(batch, goal, workers=cfg.workers, local_scheduler=local_scheduler)
-            taken = read_alma_retry()
-            if taken:
-                # Alma took these in a call that failed for another barcode; Luigi failed
-                # them all with it. Take them on now, as they would have gone alone.
-                logger.info("batch %d: going on with %d barcodes Alma took", number, len(taken))
-                result = build(taken, goal, workers=cfg.workers, local_scheduler=local_scheduler)
-            if result.status in _FAILED_RUNS:
-                luigi_failed = True
-            if result.status is LuigiStatusCode.NOT_RUN:
-                held += 1
-                logger.warning(
-                    "batch %d: some tasks are held by another worker (another host, or a "
-                    "run that was killed and that luigid still counts as running); "
-                    "they are left for the next run",
-                    number,
-                )
-            logger.info("batch %d: %s", number, result.status.name)
+        jobs = [
+            Batch(number, batch, goal, local_scheduler)
+            for number, batch in enumerate(batches(found.barcodes, cfg.batch_size), start=1)
+        ]
+        outcomes = build_all(jobs, cfg.workers, listing)
+        luigi_failed = any(o.status in _FAILED_RUNS for o in outcomes)
+        held = sum(1 for o in outcomes if o.status is LuigiStatusCode.NOT_RUN)
+        if held:
+            logger.warning(
+                "%d batches: some tasks are held by another worker (another host, or a "
+                "run that was killed and that luigid still counts as running); "
+                "they are left for the next run",
+                held,
+            )
+        if context.alma_stop_file().exists():
+            left = sum(1 for o in outcomes if o.status is None)
+            logger.error(
+                "Alma calls stopped for the rest of this run (%d batches left for the next "
+                "run): %s",
+                left,
+                context.alma_stop_file().read_text(),
+            )
         try:
-            report = Report.read(context.markers())
+            # With nothing built, the listing taken at the start is still the truth.
+            report = Report.from_listing(listing if not jobs else markers.list_all(), markers)
             unread = ""
         except StorageError as exc:
             logger.error("cannot read the markers for the summary: %s", exc)

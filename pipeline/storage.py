@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -205,23 +206,44 @@ class Storage:
         return base64.b64encode(digest).decode("ascii")
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[tuple[IO[bytes], int]]:
-        """Open the object at ``key`` for streaming; yields the body and its size."""
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot read {self.url(key)}: {exc}") from exc
-        body = answer["Body"]
-        try:
-            yield body, answer["ContentLength"]
-        finally:
-            body.close()
+    def open(self, *keys: str) -> Iterator[StoredObject]:
+        """Open the first of ``keys`` that holds an object, for streaming (one GET each).
 
-    def move(self, source: str, destination: str) -> None:
+        Raises :class:`StorageError` when none of them does.
+        """
+        for key in keys:
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING:
+                    continue
+                raise StorageError(f"cannot read {self.url(key)}: {exc}") from exc
+            except BotoCoreError as exc:
+                raise StorageError(f"cannot read {self.url(key)}: {exc}") from exc
+            stored = StoredObject(key, answer["Body"], answer["ContentLength"], answer["ETag"])
+            try:
+                yield stored
+            finally:
+                stored.body.close()
+            return
+        raise StorageError(f"cannot read {' or '.join(map(self.url, keys))}: no such object")
+
+    def move(self, source: str, destination: str, *, read: StoredObject | None = None) -> None:
         """Move an object by copy-then-delete; safe to repeat after a crash between the two.
 
         If the source is gone but the destination is there, the move already happened.
+        Given the source as it was ``read`` (by :meth:`open`), an object under the
+        multipart threshold is copied only if it is still that object, and a copy
+        whose ETag is the source's needs no other check: two requests in all.
+        Otherwise the source and the copy are compared by HEAD before the source goes.
         """
+        quick = read is not None and read.key == source
+        quick = quick and read is not None and read.size < self.transfer.multipart_threshold
+        if quick and read is not None:
+            copied = self._copy_if_unchanged(read, destination)
+            if copied == read.etag:
+                self.delete(source)
+                return
         stored = self.head(source)
         if stored is None:
             if self.exists(destination):
@@ -230,17 +252,61 @@ class Storage:
             raise StorageError(
                 f"cannot move {self.url(source)}: neither it nor {destination} exists"
             )
-        try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": source},
-                self.bucket,
-                destination,
-                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                Config=self.transfer,
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot copy {self.url(source)} to {destination}: {exc}") from exc
-        copied = self.head(destination)
-        if copied is None or copied["ContentLength"] != stored["ContentLength"]:
+        if quick and read is not None:
+            # The copy's ETag differs under KMS encryption, or where the store ignored
+            # CopySourceIfMatch because the source changed after it was read.
+            if stored["ETag"] != read.etag:
+                raise StorageError(f"{self.url(source)} changed after it was read; not moving it")
+        else:
+            try:
+                self.client.copy(
+                    {"Bucket": self.bucket, "Key": source},
+                    self.bucket,
+                    destination,
+                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                    Config=self.transfer,
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(
+                    f"cannot copy {self.url(source)} to {destination}: {exc}"
+                ) from exc
+        copied_head = self.head(destination)
+        if copied_head is None or copied_head["ContentLength"] != stored["ContentLength"]:
             raise StorageError(f"copy of {self.url(source)} to {destination} is incomplete")
         self.delete(source)
+
+    def _copy_if_unchanged(self, read: StoredObject, destination: str) -> str | None:
+        """Copy the object ``read`` unless it changed since; return the copy's ETag.
+
+        None when the source is gone.
+        """
+        try:
+            answer = self.client.copy_object(
+                Bucket=self.bucket,
+                Key=destination,
+                CopySource={"Bucket": self.bucket, "Key": read.key},
+                CopySourceIfMatch=read.etag,
+                ChecksumAlgorithm="SHA256",
+            )
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _MISSING:
+                return None
+            if code in {"PreconditionFailed", "412"}:
+                raise StorageError(
+                    f"{self.url(read.key)} changed after it was read; not moving it"
+                ) from exc
+            raise StorageError(f"cannot copy {self.url(read.key)} to {destination}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot copy {self.url(read.key)} to {destination}: {exc}") from exc
+        return str(answer.get("CopyObjectResult", {}).get("ETag", ""))
+
+
+@dataclasses.dataclass
+class StoredObject:
+    """An object opened for reading: its key, its streaming body, its size and ETag."""
+
+    key: str
+    body: IO[bytes]
+    size: int
+    etag: str

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import filecmp
+import functools
 import hashlib
 import json
 import logging
@@ -28,10 +29,11 @@ import luigi
 from luigi.task import flatten
 
 from pipeline import config, context
-from pipeline.alma import MAX_MEMBERS_PER_CALL
+from pipeline.alma import MAX_MEMBERS_PER_CALL, AddResult, AlmaClient
 from pipeline.barcodes import validate
 from pipeline.errors import (
     AlmaConfigurationError,
+    AlmaError,
     AlmaQuotaError,
     AlmaStoppedError,
     BarcodeNotInAlmaError,
@@ -41,6 +43,7 @@ from pipeline.errors import (
     ZephirError,
 )
 from pipeline.status import Status
+from pipeline.storage import StoredObject
 from pipeline.volume import inspect_volume, last_change, md5_of_file, snapshot, write_zip
 from targets.markers import Marker, MarkerTarget, utc_now
 
@@ -78,18 +81,32 @@ def folder_digest(entries: object) -> str:
 
 
 class Progress:
-    """Reports a long step's progress to the scheduler's web UI, at most once a second."""
+    """Shows a long step in the scheduler's web UI.
 
-    def __init__(self, task: luigi.Task, step: str) -> None:
+    The step's name is shown at once; its bytes and percentage only once it has run
+    for a second, then at most once a second, so that short steps cost the
+    scheduler nothing more.
+    """
+
+    interval = 1.0
+
+    def __init__(
+        self, task: luigi.Task, step: str, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.task = task
         self.step = step
-        self.last = 0.0
+        self.clock = clock
+        self.last = clock()
+        self.counting = False
+        show(task, step)
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 1.0 and done < total:
+        now = self.clock()
+        finished = done >= total
+        if now - self.last < self.interval and not (finished and self.counting):
             return
         self.last = now
+        self.counting = not finished
         percent = int(100 * done / total) if total else 100
         show(self.task, f"{self.step}: {done:,} of {total:,} bytes", percent)
 
@@ -176,7 +193,7 @@ class VolumeFolder(luigi.ExternalTask):
 CRASH_VARIABLE = "DIGIFEEDS_CRASH_AT"
 
 
-def _crash_point(name: str) -> None:
+def _crash_point(name: str, barcode: str) -> None:
     """Kill this process with SIGKILL here, when ``DIGIFEEDS_CRASH_AT`` names this point.
 
     A fault-injection hook for the crash tests, and nothing else: a real ``kill -9``
@@ -187,10 +204,10 @@ def _crash_point(name: str) -> None:
     moment), ``uploaded`` (the zip verified in S3, before the processed copy),
     ``kept`` (after the processed copy, before the ``zipped`` marker), ``zipped``
     (after the marker, before the deletion) and ``retiring`` (after the first file of
-    the input folder is deleted). Unset in production, it costs one environment
-    lookup per step.
+    the input folder is deleted). ``<point>:<barcode>`` kills only at that barcode's
+    point. Unset in production, it costs one environment lookup per step.
     """
-    if os.environ.get(CRASH_VARIABLE) == name:
+    if os.environ.get(CRASH_VARIABLE) in (name, f"{name}:{barcode}"):
         logger.warning("%s is %s: killing this process", CRASH_VARIABLE, name)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -222,7 +239,7 @@ class ZipVolume(MarkerTask):
         # A crash after the marker but before the deletion leaves only the deletion to do.
         zipped = context.markers().read(self.barcode, Status.ZIPPED)
         details = self.zip_and_upload(folder) if zipped is None else zipped.details
-        _crash_point("zipped")
+        _crash_point("zipped", self.barcode)
         self.retire(folder, details)
 
     def working_folder(self) -> Path:
@@ -235,7 +252,7 @@ class ZipVolume(MarkerTask):
 
         def report(done: int, total: int) -> None:
             if 0 < done < total:
-                _crash_point(step)
+                _crash_point(step, self.barcode)
             shown(done, total)
 
         return report
@@ -273,7 +290,7 @@ class ZipVolume(MarkerTask):
                 zip_path, zip_key(self.barcode), progress=self.progress("uploading")
             )
             logger.info("%s: uploaded to %s", self.barcode, zip_key(self.barcode))
-            _crash_point("uploaded")
+            _crash_point("uploaded", self.barcode)
 
             # Keep the zip and the folder in the processed folder. A copy of the same
             # second can only be a crashed attempt's, as no marker names it: replace it.
@@ -288,7 +305,7 @@ class ZipVolume(MarkerTask):
             shutil.copytree(folder, kept / self.barcode, symlinks=True)
             self.check_kept_copy(folder, kept, summary.md5)
             logger.info("%s: kept a copy in %s", self.barcode, kept)
-            _crash_point("kept")
+            _crash_point("kept", self.barcode)
 
             details = {
                 "zip_size": summary.size,
@@ -340,7 +357,7 @@ class ZipVolume(MarkerTask):
         # A zipped volume folder is flat: its files, then the folder itself.
         for path in sorted(folder.iterdir()):
             path.unlink()
-            _crash_point("retiring")
+            _crash_point("retiring", self.barcode)
         folder.rmdir()
         logger.info("%s: deleted the input folder %s", self.barcode, folder)
 
@@ -405,9 +422,11 @@ class InAlmaSet(MarkerTask):
                 f"left for the next run: Alma calls were stopped ({stop.read_text()})",
                 barcode=self.barcode,
             )
+        self._settled.clear()
         client = context.alma()
+        result, failed = AddResult(), {}
         try:
-            result = client.add_members(self.barcodes)
+            failed = add_alone_where_needed(client, self.barcodes, result)
         except (AlmaConfigurationError, AlmaQuotaError) as exc:
             stop.write_text(str(exc))
             raise
@@ -422,21 +441,32 @@ class InAlmaSet(MarkerTask):
                 "%s: %s the Digifeeds set", barcode, "already in" if already else "added to"
             )
             markers.record(barcode, self.status, already_in_set=already)
-        if result.not_found:
-            for barcode in result.not_found:
-                markers.record(barcode, Status.NOT_FOUND_IN_ALMA)
-                error = BarcodeNotInAlmaError("not found in Alma (60120)", barcode=barcode)
-                logger.error("%s: InAlmaSet failed: %s", barcode, error.message)
-                record_failure(barcode, self.task_family, error)
-            taken = result.added + result.already_in_set
-            if taken:
-                # Luigi fails the whole batch; the run goes on with these ones.
-                with context.alma_retry_file().open("a") as retry:
-                    retry.write("".join(f"{b}\n" for b in taken))
-            raise BarcodeNotInAlmaError(
-                f"not found in Alma (60120): {', '.join(result.not_found)}",
-                barcode=result.not_found[0] if len(result.not_found) == 1 else None,
-            )
+            self._settled.add(barcode)
+        for barcode in result.not_found:
+            markers.record(barcode, Status.NOT_FOUND_IN_ALMA)
+            failed[barcode] = BarcodeNotInAlmaError("not found in Alma (60120)", barcode=barcode)
+        if not failed:
+            return
+        for barcode, error in failed.items():
+            logger.error("%s: InAlmaSet failed: %s", barcode, error)
+            record_failure(barcode, self.task_family, error)
+            self._settled.add(barcode)
+        taken = result.added + result.already_in_set
+        if taken:
+            # Luigi fails the whole batch; the run goes on with these ones.
+            with context.alma_retry_file().open("a") as retry:
+                retry.write("".join(f"{b}\n" for b in taken))
+        if len(failed) == 1:
+            raise next(iter(failed.values()))
+        raise AlmaError(
+            f"{len(failed)} of {len(self.barcodes)} barcodes failed in Alma: "
+            + ", ".join(sorted(failed))
+        )
+
+    @functools.cached_property
+    def _settled(self) -> set[str]:
+        """Barcodes whose outcome run() recorded: added, or failed with their own cause."""
+        return set()
 
     def on_success(self) -> None:
         families = {self.task_family, ZipVolume.task_family}
@@ -444,17 +474,49 @@ class InAlmaSet(MarkerTask):
             context.markers().clear_failure(barcode, families)
 
     def on_failure(self, exception: BaseException) -> str:
-        """Record the failure of each barcode that failed; the UI shows one message."""
+        """Record the failure of each barcode not yet recorded; the UI shows one message."""
         if isinstance(exception, AlmaStoppedError):
             logger.warning("%s: %s", self.barcode, exception.message)
-        elif not isinstance(exception, BarcodeNotInAlmaError):
-            # A failed call fails every barcode in it (the not-found were recorded in run).
+        else:
             for barcode in self.barcodes:
-                logger.error("%s: InAlmaSet failed: %s", barcode, exception)
-                record_failure(barcode, self.task_family, exception)
+                if barcode not in self._settled:
+                    logger.error("%s: InAlmaSet failed: %s", barcode, exception)
+                    record_failure(barcode, self.task_family, exception)
         if isinstance(exception, DigifeedsError):
             return str(exception)
         return f"{type(exception).__name__}: {exception}"
+
+
+def add_alone_where_needed(
+    client: AlmaClient, barcodes: list[str], result: AddResult
+) -> dict[str, AlmaError]:
+    """Add ``barcodes`` to the set, each ending as it would alone; return those that failed.
+
+    A call that fails for a reason Alma does not pin on one barcode (a server error,
+    a dropped connection) is split in halves and each half tried again, down to
+    single barcodes: a barcode that breaks every call it is in fails alone, and the
+    others go in with a few more calls. A refused key, set or quota is raised.
+    """
+    try:
+        answer = client.add_members(barcodes)
+    except (AlmaConfigurationError, AlmaQuotaError):
+        raise
+    except AlmaError as exc:
+        if len(barcodes) == 1:
+            return {barcodes[0]: exc}
+        logger.warning(
+            "an Alma call for %d barcodes failed (%s); trying them in halves",
+            len(barcodes),
+            exc,
+        )
+        middle = len(barcodes) // 2
+        failed = add_alone_where_needed(client, barcodes[:middle], result)
+        failed.update(add_alone_where_needed(client, barcodes[middle:], result))
+        return failed
+    result.added.extend(answer.added)
+    result.already_in_set.extend(answer.already_in_set)
+    result.not_found.extend(answer.not_found)
+    return {}
 
 
 class ZephirRecord(luigi.ExternalTask):
@@ -547,6 +609,7 @@ class Delivered(MarkerTask):
         attempt = utc_now()
         started = self.record(Status.COPYING_START)
         resumed = started.timestamp < attempt
+        read: StoredObject | None = None
         # A copy that starts now cannot have ended before.
         if not resumed or not markers.exists(self.barcode, Status.COPYING_END):
             if resumed:
@@ -556,29 +619,29 @@ class Delivered(MarkerTask):
                     self.barcode,
                     started.timestamp.isoformat(),
                 )
-            # After a crash between the move and its marker, the zip is already moved.
-            key = source if storage.exists(source) else destination
-            show(self, f"copying {storage.url(key)} to the pickup")
-            self.copy_to_pickup(key, resumed=resumed)
+            read = self.copy_to_pickup(source, destination, resumed=resumed)
             self.record(Status.COPYING_END)
 
         # Move the zip to the processed prefix.
-        storage.move(source, destination)
+        storage.move(source, destination, read=read)
         logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
         self.record()
 
-    def copy_to_pickup(self, key: str, *, resumed: bool) -> None:
-        """Stream the zip from S3 to the pickup server.
+    def copy_to_pickup(self, source: str, destination: str, *, resumed: bool) -> StoredObject:
+        """Stream the zip from S3 to the pickup server; return the object that was read.
 
-        A file already at the final name is taken as this zip only when resuming an
-        attempt of our own; otherwise it is someone else's, and a person must look.
+        The zip is read from the input prefix, or from the processed prefix after a
+        crash between the move and its marker. A file already at the final name is
+        taken as this zip only when resuming an attempt of our own; otherwise it is
+        someone else's, and a person must look.
         """
-        with context.storage().open(key) as (body, size):
+        with context.storage().open(source, destination) as stored:
             context.pickup().deliver(
-                body,
-                size,
+                stored.body,
+                stored.size,
                 self.barcode,
-                progress=Progress(self, "copying to the pickup"),
+                progress=Progress(self, f"copying {context.storage().url(stored.key)}"),
                 existing_ok=resumed,
             )
         logger.info("%s: delivered to the pickup", self.barcode)
+        return stored

@@ -6,7 +6,9 @@ Layout, under the state prefix::
     failed/<barcode>.json       the item's latest failure, removed when that task succeeds
 
 A marker is written only if absent, so a status keeps the time it was first
-recorded. Keys lead with the status, so "every item with a status" is one listing.
+recorded. Keys lead with the status, so "every item with a status" is one listing,
+and one listing of the whole prefix (:meth:`MarkerStore.list_all`) tells everything
+about every item.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import luigi
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.barcodes import validate
+from pipeline.barcodes import is_valid, validate
 from pipeline.errors import DigifeedsError, StorageError
 from pipeline.status import Status
 from pipeline.storage import Storage
@@ -28,6 +30,7 @@ from pipeline.storage import Storage
 logger = logging.getLogger(__name__)
 
 FAILED = "failed"
+_STATUS_FOLDERS = {status.value for status in Status}
 
 
 def utc_now() -> dt.datetime:
@@ -84,24 +87,47 @@ class Failure:
         return cls(**{**data, "timestamp": dt.datetime.fromisoformat(data["timestamp"])})
 
 
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """Every marker and failure record under the state prefix, as one listing found them.
+
+    Times are the objects' LastModified: the marker's timestamp give or take a second.
+    """
+
+    reached: dict[Status, dict[str, dt.datetime]]
+    failed: dict[str, dt.datetime]
+    requests: int = 0
+
+    def barcodes_with(self, status: Status) -> dict[str, dt.datetime]:
+        """Every barcode that had reached ``status``, with when."""
+        return self.reached.get(status, {})
+
+    def has(self, barcode: str, status: Status) -> bool:
+        """Tell whether the item had reached ``status``."""
+        return barcode in self.reached.get(status, {})
+
+
 class MarkerStore:
     """Records and reads markers through one shared :class:`Storage`.
 
     ``exists`` answers from a per-process set of known markers when it can: only
     positive answers are kept, since a marker, once written, is never removed.
+    While a :class:`Listing` is being used (:meth:`use_listing` to
+    :meth:`end_listing`, around the scheduling of a build), it answers negatives too.
     """
 
     def __init__(self, storage: Storage, prefix: str) -> None:
         self.storage = storage
         self.prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
         self._known: set[tuple[Status, str]] = set()
-        # A listing taken for one batch answers negatives too, but only while it is
-        # fresh: from list_batch() to end_listing(), around the scheduling of a build.
-        self._listed: set[tuple[Status, str]] = set()
-        self._listed_scope: frozenset[tuple[Status, str]] = frozenset()
-        # Barcodes known to have had no failure record when their batch was listed;
-        # a failure recorded by this process since is forgotten from it.
-        self._unfailed: set[str] = set()
+        # The last listing used: its positives stay true; its negatives only while it is
+        # in use.
+        self._listing: Listing | None = None
+        self._listing_in_use = False
+        # The failure records a listing found, and those recorded by this process since:
+        # a success looks for a failure record to clear only where one may be.
+        self._failed_listed: set[str] | None = None
+        self._failed_since: set[str] = set()
 
     def key(self, barcode: str, status: Status) -> str:
         """Return the S3 key of a marker; the barcode is validated first."""
@@ -115,8 +141,11 @@ class MarkerStore:
         """Tell whether the item has reached ``status`` (at most one HEAD request)."""
         if (status, barcode) in self._known:
             return True
-        if (status, barcode) in self._listed_scope:
-            return (status, barcode) in self._listed
+        if self._listing is not None:
+            if self._listing.has(barcode, status):
+                return True
+            if self._listing_in_use:
+                return False
         found = self.storage.exists(self.key(barcode, status))
         if found:
             self._known.add((status, barcode))
@@ -148,92 +177,68 @@ class MarkerStore:
         markers = [m for m in (self.read(barcode, status) for status in Status) if m]
         return sorted(markers, key=lambda m: m.timestamp)
 
-    def barcodes_with(self, status: Status) -> dict[str, dt.datetime]:
-        """Return every barcode that has reached ``status``, with the marker's write time.
+    def list_all(self) -> Listing:
+        """List every marker and failure record: one request per thousand objects.
 
-        One listing request per thousand markers; the write time is the object's
-        LastModified, which is the marker's timestamp give or take a second.
+        Objects that are not ``<status>/<barcode>.json`` are left out.
         """
-        prefix = f"{self.prefix}{status.value}/"
-        found = {}
-        for item in self.storage.list(prefix):
-            barcode = item["Key"][len(prefix) :].removesuffix(".json")
-            found[barcode] = item["LastModified"]
-            self._known.add((status, barcode))
-        return found
-
-    def list_batch(self, barcodes: Iterable[str], statuses: Iterable[Status]) -> int:
-        """List the markers of a batch, so that existence checks cost no request.
-
-        For each status, one listing covers the key range from the batch's first to
-        its last barcode (more pages only where other markers crowd that range). Until
-        :meth:`end_listing`, ``exists`` answers for these barcodes from the listing.
-        Returns the number of listing requests made.
-        """
-        chosen = sorted({validate(b) for b in barcodes})
-        if not chosen:
-            return 0
+        reached: dict[Status, dict[str, dt.datetime]] = {status: {} for status in Status}
+        failed: dict[str, dt.datetime] = {}
         requests = 0
-        scope: set[tuple[Status, str]] = set()
-        for status in statuses:
-            prefix = f"{self.prefix}{status.value}/"
-            last = f"{prefix}{chosen[-1]}.json"
-            paginator = self.storage.client.get_paginator("list_objects_v2")
-            pages = paginator.paginate(
-                Bucket=self.storage.bucket,
-                Prefix=prefix,
-                StartAfter=f"{prefix}{chosen[0][:-1]}",
-            )
-            for page in self._pages(pages, prefix):
-                requests += 1
-                keys = [item["Key"] for item in page.get("Contents", [])]
-                for key in keys:
-                    if key <= last:
-                        self._listed.add((status, key[len(prefix) :].removesuffix(".json")))
-                if not keys or keys[-1] >= last or not page.get("IsTruncated"):
-                    break
-            scope.update((status, barcode) for barcode in chosen)
-        self._listed_scope = frozenset(scope)
-        self._known.update(self._listed & scope)
-
-        # The batch's failure records, so that a success need not look for one.
-        prefix = f"{self.prefix}{FAILED}/"
-        failed: set[str] = set()
         pages = self.storage.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.storage.bucket, Prefix=prefix, StartAfter=f"{prefix}{chosen[0][:-1]}"
+            Bucket=self.storage.bucket, Prefix=self.prefix
         )
-        last = f"{prefix}{chosen[-1]}.json"
-        for page in self._pages(pages, prefix):
-            requests += 1
-            keys = [item["Key"] for item in page.get("Contents", [])]
-            failed.update(k[len(prefix) :].removesuffix(".json") for k in keys if k <= last)
-            if not keys or keys[-1] >= last or not page.get("IsTruncated"):
-                break
-        self._unfailed = set(chosen) - failed
-        return requests
-
-    def _pages(self, pages: Iterable[dict[str, Any]], prefix: str) -> Iterable[dict[str, Any]]:
         try:
-            yield from pages
+            for page in pages:
+                requests += 1
+                for item in page.get("Contents", []):
+                    folder, _, name = item["Key"][len(self.prefix) :].partition("/")
+                    barcode = name.removesuffix(".json")
+                    if not is_valid(barcode) or not name.endswith(".json"):
+                        continue
+                    if folder == FAILED:
+                        failed[barcode] = item["LastModified"]
+                    elif folder in _STATUS_FOLDERS:
+                        status = Status(folder)
+                        reached[status][barcode] = item["LastModified"]
+                        self._known.add((status, barcode))
         except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot list {self.storage.url(prefix)}: {exc}") from exc
+            raise StorageError(f"cannot list {self.storage.url(self.prefix)}: {exc}") from exc
+        return Listing(reached, failed, requests)
+
+    def use_listing(self, listing: Listing) -> None:
+        """Answer ``exists`` from ``listing`` (negatives too) until :meth:`end_listing`.
+
+        Only for a listing fresh for the items asked about: the scheduling of a build
+        of items that nothing else works on meanwhile.
+        """
+        self._listing = listing
+        self._listing_in_use = True
+        self._failed_listed = set(listing.failed)
 
     def end_listing(self) -> None:
-        """Stop answering from the batch listing: from now on, negatives ask S3 again."""
-        self._listed = set()
-        self._listed_scope = frozenset()
+        """Stop answering negatives from the listing: from now on, they ask S3 again."""
+        self._listing_in_use = False
 
     def record_failure(self, barcode: str, task: str, error: BaseException) -> Failure:
         """Keep the item's latest failure; the message is the error's, never a traceback."""
         kind = error.kind if isinstance(error, DigifeedsError) else type(error).__name__
         failure = Failure(barcode, task, kind, str(error), utc_now())
-        self._unfailed.discard(barcode)
+        self._failed_since.add(barcode)
         self.storage.put_json(self.failure_key(barcode), failure.to_json())
         return failure
 
     def clear_failure(self, barcode: str, tasks: Iterable[str]) -> None:
-        """Forget the item's failure if it was one of ``tasks``, now that they succeeded."""
-        if barcode in self._unfailed:
+        """Forget the item's failure if it was one of ``tasks``, now that they succeeded.
+
+        No request at all for an item that the last listing found without a failure
+        record and that has not failed in this process since.
+        """
+        if (
+            self._failed_listed is not None
+            and barcode not in self._failed_listed
+            and barcode not in self._failed_since
+        ):
             return
         data = self.storage.get_json(self.failure_key(barcode))
         if data and data.get("task") in set(tasks):
@@ -243,16 +248,6 @@ class MarkerStore:
         """Return the item's latest failure, if it has one."""
         data = self.storage.get_json(self.failure_key(barcode))
         return Failure.from_json(data) if data else None
-
-    def failures(self) -> list[Failure]:
-        """Return every item's latest failure: one listing, then one read per failure."""
-        prefix = f"{self.prefix}{FAILED}/"
-        found = []
-        for item in self.storage.list(prefix):
-            data = self.storage.get_json(item["Key"])
-            if data:
-                found.append(Failure.from_json(data))
-        return found
 
 
 class MarkerTarget(luigi.Target):

@@ -71,7 +71,7 @@ def test_alma_calls_are_batched_and_each_barcode_ends_as_it_would_alone(
     assert len(calls_batched) <= 3 < calls_alone
 
 
-def test_a_batch_listing_answers_completion_checks_without_a_request_each(
+def test_one_listing_answers_completion_checks_without_a_request_each(
     clean: Sandbox,
 ) -> None:
     storage = Storage(
@@ -81,25 +81,58 @@ def test_a_batch_listing_answers_completion_checks_without_a_request_each(
     barcodes = new_barcodes(60)
     for barcode in barcodes[:30]:
         store.record(barcode, Status.ZIPPED)
-    outside = new_barcodes(1)[0]
-    store.record(outside, Status.ZIPPED)
+    store.record_failure(barcodes[1], "InAlmaSet", RuntimeError("boom"))
+    storage.put_json("state/zipped/not-a-barcode.json", {})  # left out, not an error
     fresh = MarkerStore(storage, "state/")
     counts = count_requests(storage)
 
-    listings = fresh.list_batch(barcodes, [Status.ZIPPED, Status.IN_ZEPHIR])
+    listing = fresh.list_all()
+    fresh.use_listing(listing)
     answers = {b: fresh.exists(b, Status.ZIPPED) for b in barcodes}
     zephir_answers = {b: fresh.exists(b, Status.IN_ZEPHIR) for b in barcodes}
+    for barcode in barcodes[2:4]:
+        fresh.clear_failure(barcode, ["InAlmaSet"])  # the listing found none to clear
 
-    # One listing per status, and one of the failure records.
-    assert listings == 3
-    assert counts == {"ListObjectsV2": 3}
+    # One listing request for the whole (small) marker prefix, then no request at all.
+    assert counts == {"ListObjectsV2": 1} == {"ListObjectsV2": listing.requests}
     assert answers == {b: b in barcodes[:30] for b in barcodes}
     assert not any(zephir_answers.values())
+    assert barcodes[1] in listing.failed
 
     # Once the listing ends, negatives are asked again; positives stay known.
     fresh.end_listing()
     store.record(barcodes[40], Status.IN_ZEPHIR)
     assert fresh.exists(barcodes[40], Status.IN_ZEPHIR) is True
     assert fresh.exists(barcodes[0], Status.ZIPPED) is True
-    assert fresh.exists(outside, Status.ZIPPED) is True
-    assert counts == {"ListObjectsV2": 3, "PutObject": 1, "HeadObject": 2}
+    assert counts == {"ListObjectsV2": 1, "PutObject": 1, "HeadObject": 1}
+
+    # A failure the listing found is looked for, and cleared by its task's success.
+    fresh.clear_failure(barcodes[1], ["InAlmaSet"])
+    assert counts["GetObject"] == 1 and counts["DeleteObject"] == 1
+    assert store.failure(barcodes[1]) is None
+
+
+def test_a_barcode_that_breaks_every_alma_call_fails_alone_and_its_batch_goes_on(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    barcodes = new_barcodes(5)
+    for barcode in barcodes:
+        make_volume(clean.input, barcode)
+    assert digifeeds("run", "--role", "zip").returncode == 0
+    broken = barcodes[3]
+    alma.fault(barcode=broken, count=None, status=500, code="GENERAL_ERROR")
+    alma.clear_requests()
+
+    result = digifeeds("run", "--role", "workflow")
+
+    assert result.returncode == 1
+    assert outcomes(barcodes) == {
+        b: (["zipped"], "alma") if b == broken else (DELIVERED, None) for b in barcodes
+    }
+    assert broken in (failure(broken) or {})["message"]
+    # One call for the batch, then halves down to the broken barcode alone: each
+    # barcode ended as it would alone, for a few more calls rather than one each.
+    calls = [r["barcodes"] for r in alma.requests() if "/conf/sets/" in r["path"]]
+    assert set(calls[0]) == set(barcodes)
+    assert [broken] in calls
+    assert len({tuple(c) for c in calls}) <= 7

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import VolumeError
-from pipeline.tasks import ZipVolume, hold_over
+from pipeline.tasks import Progress, ZipVolume, hold_over
 from pipeline.volume import md5_of_file
 from sandbox.volumes import make_volume
 
@@ -60,3 +60,45 @@ def test_the_hold_is_over_after_hold_days(age_days: float, hold_days: float, ove
     now = dt.datetime(2026, 12, 3, tzinfo=dt.UTC)
 
     assert hold_over(now - dt.timedelta(days=age_days), hold_days, now) is over
+
+
+class ShownTask:
+    """What a Luigi worker gives a running task: the two web UI callbacks."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[str, int | None]] = []
+
+    def set_status_message(self, message: str) -> None:
+        self.shown.append((message, None))
+
+    def set_progress_percentage(self, percent: int) -> None:
+        self.shown[-1] = (self.shown[-1][0], percent)
+
+
+def test_progress_names_the_step_at_once_and_counts_only_after_a_second() -> None:
+    now = [100.0]
+    task = ShownTask()
+    progress = Progress(task, "copying", clock=lambda: now[0])  # type: ignore[arg-type]
+    assert task.shown == [("copying", None)]
+
+    progress(10, 100)
+    now[0] += 0.5
+    progress(50, 100)
+    assert len(task.shown) == 1  # under a second: nothing more
+
+    now[0] += 0.6
+    progress(60, 100)
+    now[0] += 0.2
+    progress(70, 100)  # inside the next second: held back
+    progress(100, 100)  # but the end of a counted step is always shown
+    assert task.shown[1:] == [("copying: 60 of 100 bytes", 60), ("copying: 100 of 100 bytes", 100)]
+
+
+def test_a_short_step_shows_only_its_name() -> None:
+    now = [0.0]
+    task = ShownTask()
+    progress = Progress(task, "zipping", clock=lambda: now[0])  # type: ignore[arg-type]
+    for done in (1, 2, 3):
+        now[0] += 0.1
+        progress(done, 3)
+    assert task.shown == [("zipping", None)]

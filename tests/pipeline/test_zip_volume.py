@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import time
 import zipfile
@@ -336,3 +337,29 @@ def test_a_volume_waiting_to_settle_is_reported_as_waiting_on_zip(
 
     assert result.returncode == 0, result.stderr
     assert "waiting: 1 on zip" in result.stdout
+
+
+def test_a_builder_killed_mid_batch_fails_that_batch_and_the_others_go_on(
+    clean: Sandbox,
+) -> None:
+    doomed, other = new_barcodes(2)
+    volumes = {b: snapshot(crash_volume(clean.input, b)) for b in (doomed, other)}
+    # luigid would hold the killed task as running for a while; as in the tests above,
+    # each builder schedules for itself.
+    parallel = (*ZIP_ONLY[:-1], "2", "--batch-size", "1")
+
+    crashed = digifeeds(*parallel, env={"DIGIFEEDS_CRASH_AT": f"zipped:{doomed}"})
+
+    assert crashed.returncode == 1, crashed.stderr
+    assert re.search(r"batch \d: its builder \(pid \d+\) died \(exit code -9\)", crashed.stderr)
+    assert history(other) == ["zipped"] and not (clean.input / other).exists(), crashed.stderr
+    assert history(doomed) == ["zipped"] and (clean.input / doomed).exists()
+    assert_nothing_lost(clean, doomed, volumes[doomed])
+
+    rerun = digifeeds(*parallel)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert not (clean.input / doomed).exists()
+    assert sorted(input_zips(clean)) == sorted(f"input/{b}.zip" for b in (doomed, other))
+    for barcode, volume in volumes.items():
+        assert_zip_holds(input_zips(clean)[f"input/{barcode}.zip"], volume)
