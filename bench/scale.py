@@ -114,7 +114,14 @@ def measure(size: int, workers: int) -> dict[str, float]:
             f"[digifeeds]\nhost_role = workflow\nworkers = {workers}\n",
         ).replace(f"input_folder = {box.input}\n", "input_folder =\n")
         config.write_text(text)
-        env = {**os.environ, "LUIGI_CONFIG_PATH": str(config)}
+        # The environment cron gives its jobs, not this shell's: HTTP clients read
+        # every variable of it on every request, looking for proxy settings.
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/"),
+            "LANG": "C.UTF-8",
+            "LUIGI_CONFIG_PATH": str(config),
+        }
         barcodes = sample_barcodes(size, start=100_000)
         seed(box, barcodes)
         alma, zephir = AlmaControl(box.url("alma")), ZephirControl(box.url("zephir"))
@@ -166,7 +173,9 @@ def measure(size: int, workers: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--workers", type=int, default=3, help="[digifeeds] workers: batches built at once"
+    )
     args = parser.parse_args()
     results = {}
     for size in args.sizes:
