@@ -173,6 +173,7 @@ class RunResult:
     report: Report
     alma_remaining: int | None = None
     held_batches: int = 0
+    lost_batches: int = 0
     markers_unread: str = ""
 
     def _since_start(self, when: dt.datetime) -> bool:
@@ -237,6 +238,8 @@ class RunResult:
         ]
         if self.held_batches:
             parts.insert(-1, f"{self.held_batches} batches held by other workers")
+        if self.lost_batches:
+            parts.insert(-1, f"{self.lost_batches} batches stopped when their builder died")
         if self.markers_unread:
             parts.insert(-1, "markers unreadable, counts unknown")
         return "; ".join(parts)
@@ -337,6 +340,7 @@ class BatchOutcome:
 
     number: int
     status: LuigiStatusCode | None
+    builder_died: bool = False
 
 
 # What a builder process needs besides its batches: the run's listing of the markers.
@@ -443,7 +447,8 @@ def build_all(batches: list[Batch], workers: int, listing: Listing) -> list[Batc
                             builder.exitcode,
                         )
                         outcomes[number] = _logged(
-                            BatchOutcome(number, LuigiStatusCode.FAILED), len(batches)
+                            BatchOutcome(number, LuigiStatusCode.FAILED, builder_died=True),
+                            len(batches),
                         )
                 continue
             if what == "started":
@@ -583,6 +588,7 @@ def run(*, local_scheduler: bool = False) -> RunResult:
             report=report,
             alma_remaining=read_alma_remaining(),
             held_batches=held,
+            lost_batches=sum(1 for o in outcomes if o.builder_died),
             markers_unread=unread,
         )
     finally:
