@@ -27,7 +27,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-FIXTURE = REPO.parent / "shared" / "fixtures" / "volumes" / "39015012078393"
+# The shared sample volumes (DIGIFEEDS_FIXTURES names their folder), as in the tests.
+FIXTURES = Path(
+    os.environ.get("DIGIFEEDS_FIXTURES", REPO.parent / "shared" / "fixtures" / "volumes")
+)
+FIXTURE = FIXTURES / "39015012078393"
 BARCODE = "39015000091002"  # a valid barcode with its check digit
 MIN_FREE = 8 * 1024**3
 TARGET_MB = 300

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -28,7 +29,11 @@ from pipeline.volume import inspect_volume, write_zip
 from sandbox.volumes import make_scaled_volume, sample_barcodes
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO.parent / "shared" / "fixtures" / "volumes" / "39015012078393"
+# The shared sample volumes (DIGIFEEDS_FIXTURES names their folder), as in the tests.
+FIXTURES = Path(
+    os.environ.get("DIGIFEEDS_FIXTURES", REPO.parent / "shared" / "fixtures" / "volumes")
+)
+FIXTURE = FIXTURES / "39015012078393"
 MIN_FREE = 8 * 1024**3
 CHUNK = 4 * 1024 * 1024
 

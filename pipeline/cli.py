@@ -8,7 +8,6 @@ import json
 import logging
 import logging.handlers
 import sys
-import warnings
 from collections.abc import Sequence
 
 import luigi.configuration
@@ -187,9 +186,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # luigi.cfg's [core] keys read by Luigi's RPC client are not parameters of its
-    # `core` section class, and Luigi warns of each on every run.
-    warnings.filterwarnings("ignore", category=luigi.parameter.UnconsumedParameterWarning)
     configure_logging(args.log_file, args.verbose)
     started = dt.datetime.now(dt.UTC)
     try:

@@ -37,8 +37,8 @@ class digifeeds(luigi.Config):  # the section name in luigi.cfg
     )
     working_folder = luigi.Parameter(
         default="",
-        description="Scratch folder for copies of volumes being zipped; must be on a disk "
-        "with room for the largest volume twice.",
+        description="Scratch folder for the zip being made (the volume folder itself is "
+        "read in place); needs room for the largest zip. Empty on a host that does not zip.",
     )
     processed_folder = luigi.Parameter(
         default="",

@@ -128,19 +128,22 @@ def discover(role: str, listing: Listing | None = None) -> Discovery:
                 rejected[entry.name] = "folder name is not a barcode (14 digits starting 39015)"
             else:
                 found.add(entry.name)
+    found_folders = set(found)
     if role in ("workflow", "all"):
         prefix = config.s3().input_prefix
+        in_s3: set[str] = set()
         for item in context.storage().list(prefix):
             name = item["Key"][len(prefix) :]
             barcode = name.removesuffix(".zip")
             if name.endswith(".zip") and is_valid(barcode):
-                found.add(barcode)
+                in_s3.add(barcode)
             else:
                 rejected[item["Key"]] = "not a <barcode>.zip in the input prefix"
+        found.update(in_s3)
         if listing is None:
             listing = context.markers().list_all()
         zipped = listing.barcodes_with(Status.ZIPPED)
-        for barcode in sorted(found - set(zipped)):
+        for barcode in sorted(in_s3 - set(zipped) - found_folders):
             logger.warning(
                 "%s: its zip is in the input prefix but has no zipped marker; "
                 "it waits until the zipping host records it",

@@ -3,7 +3,7 @@
 It also holds the machinery both simulators share: the server thread, the fault
 injection, the request log and the ``/_sim/`` control API with its Python client.
 
-Run ``python -m sandbox.alma_sim --port 8081 --api-key-file key.txt --set-id 123`` to
+Run ``python -m sandbox.alma_sim --port 8482 --api-key-file key.txt --set-id 123`` to
 serve until killed.
 """
 

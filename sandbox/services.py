@@ -54,6 +54,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Tell whether nothing listens on ``port`` of 127.0.0.1 (so that we may bind it)."""
+    with socket.socket() as sock:
+        # As servers do, so that a connection closing from an earlier run does not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_for_port(
     port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -170,6 +182,8 @@ class Sandbox:
             "pushgateway": [
                 find_program("prometheus-pushgateway", "pushgateway"),
                 f"--web.listen-address={HOST}:{self.ports.pushgateway}",
+                # Its own state file: Debian's build keeps one under /var/lib otherwise.
+                f"--persistence.file={self.root / 'pushgateway.data'}",
             ],
         }
 
@@ -216,7 +230,19 @@ class Sandbox:
         self.prepare()
         started = []
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name, command in self.commands().items():
+        commands = self.commands()
+        taken = [
+            f"{name} ({HOST}:{getattr(self.ports, name)})"
+            for name in commands
+            if self._pid(name) is None and not port_is_free(getattr(self.ports, name))
+        ]
+        if taken:
+            raise RuntimeError(
+                "ports in use by something else (another sandbox?): "
+                + ", ".join(taken)
+                + "; stop it, or start this sandbox on other ports"
+            )
+        for name, command in commands.items():
             if self._pid(name) is not None:
                 continue
             log = (self.logs / f"{name}.log").open("ab")

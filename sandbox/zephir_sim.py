@@ -1,6 +1,6 @@
 """Zephir simulator: ``GET /api/item/mdp.<barcode>`` as DOMAIN.md describes it, over real HTTP.
 
-Run ``python -m sandbox.zephir_sim --port 8082`` to serve until killed.
+Run ``python -m sandbox.zephir_sim --port 8483`` to serve until killed.
 """
 
 from __future__ import annotations

@@ -84,6 +84,8 @@ def test_real_volumes_deliver_the_valid_four_and_reject_the_bad_checksums(
 
     assert result.returncode == 1
     assert "4 delivered" in result.stdout
+    # The bad volume is named with its cause, without a traceback to bury it.
+    assert "39015004074095" in result.stderr and "Traceback" not in result.stderr
     for barcode in ("39015012078393", "39015058510069", "39015039746220", "39015048895836"):
         assert (clean.pickup / f"{barcode}.zip").exists()
         assert history(barcode) == DELIVERED
@@ -212,6 +214,20 @@ def test_the_luigi_command_fails_with_a_nonzero_exit_when_a_task_fails(
     result = luigi_command("Delivered", "--barcode", barcode)
 
     assert result.returncode == 30, result.stderr
+
+
+def test_the_luigi_command_exits_25_while_the_chain_waits_on_zephir(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    zephir.mark_absent(barcode)
+
+    result = luigi_command("Delivered", "--barcode", barcode)
+
+    assert result.returncode == 25, result.stderr
+    assert history(barcode) == ["zipped", "added_to_digifeeds_set"]
+    assert failure(barcode) is None
 
 
 def test_an_invalid_barcode_is_refused_before_use(clean: Sandbox) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from pipeline.errors import VolumeChangedError, VolumeError, ZipError
 from pipeline.volume import (
@@ -36,15 +37,8 @@ VALID_FIXTURES = ["39015012078393", "39015058510069", "39015039746220", "3901504
 MISMATCH_FIXTURE = "39015004074095"
 
 
-def fixtures_dir() -> Path:
-    """Find the shared sample volumes; DIGIFEEDS_FIXTURES may name them or their parent."""
-    override = os.environ.get("DIGIFEEDS_FIXTURES")
-    base = Path(override) if override else REPO.parent / "shared" / "fixtures"
-    return base / "volumes" if (base / "volumes").is_dir() else base
-
-
 def copy_fixture(tmp_path: Path, barcode: str) -> Path:
-    source = fixtures_dir() / barcode
+    source = FIXTURES / barcode
     if not source.is_dir():
         pytest.skip(f"fixture volume {source} is not available")
     folder = tmp_path / "input" / barcode
@@ -606,7 +600,7 @@ def test_fixture_with_wrong_checksums_names_both_images(tmp_path: Path) -> None:
 
 
 def test_fixture_originals_are_read_only_inputs() -> None:
-    source = fixtures_dir()
+    source = FIXTURES
     if not source.is_dir():
         pytest.skip(f"fixture volumes {source} are not available")
     assert sorted(p.name for p in source.iterdir()) == sorted([*VALID_FIXTURES, MISMATCH_FIXTURE])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 from PIL import Image
 
 from pipeline.barcodes import check_digit_ok, is_valid
@@ -24,12 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def fixture_volume(barcode: str) -> Path:
-    override = os.environ.get("DIGIFEEDS_FIXTURES")
-    base = Path(override) if override else REPO.parent / "shared" / "fixtures"
-    volumes = base / "volumes" if (base / "volumes").is_dir() else base
-    if not (volumes / barcode).is_dir():
-        pytest.skip(f"fixture volume {volumes / barcode} is not available")
-    return volumes / barcode
+    if not (FIXTURES / barcode).is_dir():
+        pytest.skip(f"fixture volume {FIXTURES / barcode} is not available")
+    return FIXTURES / barcode
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
