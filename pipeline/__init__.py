@@ -24,14 +24,20 @@ from pipeline.tasks import (
 
 
 class _KnownFailuresWithoutTraceback(logging.Filter):
-    """Drop the traceback Luigi logs with a task's failure when it is one of ours.
+    """Log one of our errors by its message alone, without the traceback Luigi adds.
 
-    A Digifeeds error names the barcode and the cause in its message, which the task
-    logs and records; the traceback of a bad volume only buries it.
+    A Digifeeds error names the barcode and the cause in its message; the traceback
+    of a bad volume or a bad barcode only buries it. The message is kept on the
+    record, as Luigi's own line ("Uncaught exception in luigi") does not carry it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], DigifeedsError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, DigifeedsError):
+            message = record.getMessage()
+            if str(error) not in message:
+                message = f"{message}: {error}"
+            record.msg, record.args = message, None
             record.exc_info = None
             record.exc_text = None
         return True
