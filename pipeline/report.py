@@ -1,4 +1,4 @@
-"""What the markers say about every item, read with one listing of them all."""
+"""What the markers say about items: every item (one listing of them all), or a run's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline.status import Status
-from targets.markers import Failure, Listing, MarkerStore
+from targets.markers import Failure, Journal, Listing, MarkerStore
 
 # The statuses of the chain, in order; an item's current status is the last it reached.
 CHAIN = (
@@ -72,24 +72,41 @@ class Report:
 
     @classmethod
     def from_listing(
-        cls, listing: Listing, store: MarkerStore, *, now: dt.datetime | None = None
+        cls,
+        listing: Listing,
+        store: MarkerStore,
+        *,
+        journal: Journal | None = None,
+        now: dt.datetime | None = None,
     ) -> Report:
-        """Describe every item in ``listing``, reading each failure record it found."""
+        """Describe every item in ``listing``, with what ``journal`` recorded since.
+
+        A failure record the journal holds is taken from it; one only the listing
+        found is read (one request each).
+        """
+        journal = journal or Journal()
         items: dict[str, Item] = {}
         for status in CHAIN:
-            for barcode, written in listing.barcodes_with(status).items():
+            found = {**listing.barcodes_with(status), **journal.reached.get(status, {})}
+            for barcode, written in found.items():
                 items.setdefault(barcode, Item(barcode)).reached[status] = written
-        for barcode in sorted(listing.failed):
-            failure = store.failure(barcode)
+        for barcode in sorted(set(listing.failed) | set(journal.failures)):
+            if barcode in journal.failures:
+                failure = journal.failures[barcode]
+            else:
+                failure = store.failure(barcode)
             if failure is not None:
                 items.setdefault(barcode, Item(barcode)).failure = failure
         return cls(items, now or dt.datetime.now(dt.UTC))
 
-    def counts(self) -> dict[str, int]:
-        """Count items by current status; failed items count under 'failed'."""
+    def counts(self, barcodes: Iterable[str] | None = None) -> dict[str, int]:
+        """Count items (of ``barcodes`` only, if given) by current status.
+
+        Failed items count under 'failed'.
+        """
         counts = {status.value: 0 for status in CHAIN}
         counts["failed"] = 0
-        for item in self.items.values():
+        for item in self._chosen(barcodes):
             if item.failure is not None:
                 counts["failed"] += 1
             elif item.current is not None:

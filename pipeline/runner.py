@@ -41,7 +41,7 @@ from pipeline.errors import (
 from pipeline.report import Report
 from pipeline.status import Status
 from pipeline.tasks import Delivered, ZipVolume, volume_folder
-from targets.markers import Listing
+from targets.markers import Journal, Listing
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +105,22 @@ class Discovery:
 
     barcodes: list[str]
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The barcodes found by their folder in the input folder, and by their zip in the
+    # S3 input prefix.
+    folders: set[str] = dataclasses.field(default_factory=set)
+    zips: set[str] = dataclasses.field(default_factory=set)
 
 
-def discover(role: str, listing: Listing | None = None) -> Discovery:
-    """Find the barcodes this host works on.
+def discover(role: str) -> Discovery:
+    """Find the barcodes this host works on: every one not yet delivered.
 
     The zipping host: every folder in the input folder. The workflow host: every zip
-    in the S3 input prefix, and every item whose delivery started and did not end
-    (by ``listing``, or a listing of the markers taken now).
+    in the S3 input prefix, which holds each zip until its delivery has ended (its
+    ``pending_deletion`` recorded), and no longer. Delivered items are not looked
+    at, so a run costs what is in flight, not the whole history.
     Names that are not barcodes are refused and left where they are.
     """
-    found: set[str] = set()
+    folders: set[str] = set()
     rejected: dict[str, str] = {}
     cfg = config.digifeeds()
     if role in ("zip", "all") and cfg.input_folder:
@@ -127,11 +132,10 @@ def discover(role: str, listing: Listing | None = None) -> Discovery:
             elif not is_valid(entry.name):
                 rejected[entry.name] = "folder name is not a barcode (14 digits starting 39015)"
             else:
-                found.add(entry.name)
-    found_folders = set(found)
+                folders.add(entry.name)
+    in_s3: set[str] = set()
     if role in ("workflow", "all"):
         prefix = config.s3().input_prefix
-        in_s3: set[str] = set()
         for item in context.storage().list(prefix):
             name = item["Key"][len(prefix) :]
             barcode = name.removesuffix(".zip")
@@ -139,22 +143,20 @@ def discover(role: str, listing: Listing | None = None) -> Discovery:
                 in_s3.add(barcode)
             else:
                 rejected[item["Key"]] = "not a <barcode>.zip in the input prefix"
-        found.update(in_s3)
-        if listing is None:
-            listing = context.markers().list_all()
-        zipped = listing.barcodes_with(Status.ZIPPED)
-        for barcode in sorted(in_s3 - set(zipped) - found_folders):
-            logger.warning(
-                "%s: its zip is in the input prefix but has no zipped marker; "
-                "it waits until the zipping host records it",
-                barcode,
-            )
-        started = listing.barcodes_with(Status.COPYING_START)
-        finished = listing.barcodes_with(Status.PENDING_DELETION)
-        found.update(set(started) - set(finished))
     for name, reason in rejected.items():
         logger.error("%s: refused: %s", name, reason)
-    return Discovery(sorted(found), rejected)
+    return Discovery(sorted(folders | in_s3), rejected, folders, in_s3)
+
+
+def warn_of_unmarked_zips(found: Discovery, listing: Listing) -> None:
+    """Name each zip in the input prefix that no zipped marker, and no folder here, explains."""
+    zipped = listing.barcodes_with(Status.ZIPPED)
+    for barcode in sorted(found.zips - set(zipped) - found.folders):
+        logger.warning(
+            "%s: its zip is in the input prefix but has no zipped marker; "
+            "it waits until the zipping host records it",
+            barcode,
+        )
 
 
 def batches(barcodes: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -248,20 +250,21 @@ class RunResult:
         return "; ".join(parts)
 
     def figures(self) -> metrics.RunFigures:
+        waiting = self.waiting()
         oldest = {
-            on: max((age.total_seconds() for age in self.report.waiting(on).values()), default=0.0)
-            for on in ("zip", "alma", "zephir", "hold")
+            on: max((age.total_seconds() for age in ages.values()), default=0.0)
+            for on, ages in waiting.items()
         }
         return metrics.RunFigures(
             role=self.role,
             started=self.started,
             finished=self.finished,
             succeeded=self.succeeded,
-            by_status=self.report.counts(),
+            by_status=self.report.counts(self.barcodes),
             delivered=len(self.delivered),
             zipped=len(self.zipped),
             failures_by_kind=collections.Counter(self.failures.values()),
-            waiting={on: len(ages) for on, ages in self.waiting().items()},
+            waiting={on: len(ages) for on, ages in waiting.items()},
             oldest_waiting_seconds=oldest,
             alma_remaining=self.alma_remaining,
         )
@@ -339,11 +342,15 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class BatchOutcome:
-    """How a batch ended: Luigi's status, or None when Alma's stop left it alone."""
+    """How a batch ended: Luigi's status, or None when Alma's stop left it alone.
+
+    ``journal`` holds what the batch recorded, for the run's summary.
+    """
 
     number: int
     status: LuigiStatusCode | None
     builder_died: bool = False
+    journal: Journal = dataclasses.field(default_factory=Journal)
 
 
 # What a builder process needs besides its batches: the run's listing of the markers.
@@ -375,7 +382,7 @@ def build_batch(batch: Batch) -> BatchOutcome:
     if goal == "Delivered" and context.alma_stop_file().exists():
         # Alma refused us: the other barcodes are only zipped, or left alone.
         if config.digifeeds().host_role == "workflow":
-            return BatchOutcome(batch.number, None)
+            return BatchOutcome(batch.number, None, journal=context.markers().take_journal())
         goal = "ZipVolume"
     logger.info("batch %d: %d barcodes", batch.number, len(batch.barcodes))
     result = build(
@@ -388,7 +395,7 @@ def build_batch(batch: Batch) -> BatchOutcome:
         logger.info("batch %d: going on with %d barcodes Alma took", batch.number, len(taken))
         result = build(taken, goal, listing=_builder_listing, local_scheduler=batch.local_scheduler)
     logger.info("batch %d: %s", batch.number, result.status.name)
-    return BatchOutcome(batch.number, result.status)
+    return BatchOutcome(batch.number, result.status, journal=context.markers().take_journal())
 
 
 def build_all(batches: list[Batch], workers: int, listing: Listing) -> list[BatchOutcome]:
@@ -428,6 +435,7 @@ def build_all(batches: list[Batch], workers: int, listing: Listing) -> list[Batc
     )
     listener.start()
     outcomes: dict[int, BatchOutcome] = {}
+    by_number = {batch.number: batch for batch in batches}
     building: dict[int, int] = {}
     stopped: list[str] = []
     try:
@@ -449,10 +457,13 @@ def build_all(batches: list[Batch], workers: int, listing: Listing) -> list[Batc
                             gone,
                             builder.exitcode,
                         )
-                        outcomes[number] = _logged(
-                            BatchOutcome(number, LuigiStatusCode.FAILED, builder_died=True),
-                            len(batches),
+                        died = BatchOutcome(
+                            number,
+                            LuigiStatusCode.FAILED,
+                            builder_died=True,
+                            journal=read_back(by_number[number].barcodes),
                         )
+                        outcomes[number] = _logged(died, len(batches))
                 continue
             if what == "started":
                 building[pid] = value
@@ -490,6 +501,24 @@ def _builder(
         except DigifeedsError as exc:
             told.put(("stopped", pid, str(exc)))
             return
+
+
+def read_back(barcodes: list[str]) -> Journal:
+    """Read from the markers what a batch recorded, when its builder died before telling."""
+    markers = context.markers()
+    try:
+        listing = markers.list_barcodes(barcodes)
+        wanted = set(barcodes)
+        reached = listing.reached.items()
+        journal = Journal({s: {b: t for b, t in f.items() if b in wanted} for s, f in reached})
+        for barcode in barcodes:
+            journal.failures[barcode] = (
+                markers.failure(barcode) if barcode in listing.failed else None
+            )
+    except StorageError as exc:
+        logger.error("cannot read what the batch recorded: %s", exc)
+        return Journal()
+    return journal
 
 
 def _logged(outcome: BatchOutcome, total: int) -> BatchOutcome:
@@ -533,7 +562,10 @@ def acquire_lock(path: Path) -> IO[str]:
 
 
 def run(*, local_scheduler: bool = False) -> RunResult:
-    """Discover, build every batch, read the outcome from the markers.
+    """Discover, read the markers of what was found, build every batch, summarise.
+
+    The markers are listed once, for the barcodes found; the summary is that
+    listing with what the builders recorded on top.
 
     Raises RunLocked when another run holds this host's lock.
     """
@@ -546,9 +578,15 @@ def run(*, local_scheduler: bool = False) -> RunResult:
         run_folder = Path(tempfile.mkdtemp(prefix="digifeeds-run-"))
         os.environ[context.RUN_FOLDER_VARIABLE] = str(run_folder)
         markers = context.markers()
-        listing = markers.list_all()
-        found = discover(role, listing)
-        logger.info("%s run: %d barcodes to work on", role, len(found.barcodes))
+        found = discover(role)
+        listing = markers.list_barcodes(found.barcodes)
+        warn_of_unmarked_zips(found, listing)
+        logger.info(
+            "%s run: %d barcodes to work on (%d marker listing requests)",
+            role,
+            len(found.barcodes),
+            listing.requests,
+        )
         goal = "ZipVolume" if role == "zip" else "Delivered"
         # Logging is the command's, configured before the run; Luigi leaves it alone.
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
@@ -574,9 +612,11 @@ def run(*, local_scheduler: bool = False) -> RunResult:
                 left,
                 context.alma_stop_file().read_text(),
             )
+        journal = markers.take_journal()
+        for outcome in outcomes:
+            journal.add(outcome.journal)
         try:
-            # With nothing built, the listing taken at the start is still the truth.
-            report = Report.from_listing(listing if not jobs else markers.list_all(), markers)
+            report = Report.from_listing(listing, markers, journal=journal)
             unread = ""
         except StorageError as exc:
             logger.error("cannot read the markers for the summary: %s", exc)

@@ -228,29 +228,32 @@ class Storage:
             return
         raise StorageError(f"cannot read {' or '.join(map(self.url, keys))}: no such object")
 
-    def move(self, source: str, destination: str, *, read: StoredObject | None = None) -> None:
-        """Move an object by copy-then-delete; safe to repeat after a crash between the two.
+    def copy_checked(
+        self, source: str, destination: str, *, read: StoredObject | None = None
+    ) -> None:
+        """Copy an object to ``destination`` and confirm the copy; safe to repeat.
 
-        If the source is gone but the destination is there, the move already happened.
         Given the source as it was ``read`` (by :meth:`open`), an object under the
         multipart threshold is copied only if it is still that object, and a copy
-        whose ETag is the source's needs no other check: two requests in all.
-        Otherwise the source and the copy are compared by HEAD before the source goes.
+        whose ETag is the source's needs no other check: one request in all.
+        Otherwise the source is looked at first: a destination that already holds an
+        object of its ETag is kept; else the object is copied, and the copy is
+        compared with the source by HEAD. A source that is gone while the
+        destination is there was copied (and deleted) before.
         """
         quick = read is not None and read.key == source
         quick = quick and read is not None and read.size < self.transfer.multipart_threshold
         if quick and read is not None:
             copied = self._copy_if_unchanged(read, destination)
             if copied == read.etag:
-                self.delete(source)
                 return
         stored = self.head(source)
         if stored is None:
             if self.exists(destination):
-                logger.info("%s was already moved to %s", self.url(source), destination)
+                logger.info("%s was already copied to %s", self.url(source), destination)
                 return
             raise StorageError(
-                f"cannot move {self.url(source)}: neither it nor {destination} exists"
+                f"cannot copy {self.url(source)}: neither it nor {destination} exists"
             )
         if quick and read is not None:
             # The copy's ETag differs under KMS encryption, or where the store ignored
@@ -258,6 +261,9 @@ class Storage:
             if stored["ETag"] != read.etag:
                 raise StorageError(f"{self.url(source)} changed after it was read; not moving it")
         else:
+            earlier = self.head(destination)
+            if earlier is not None and earlier["ETag"] == stored["ETag"]:
+                return
             try:
                 self.client.copy(
                     {"Bucket": self.bucket, "Key": source},
@@ -273,7 +279,6 @@ class Storage:
         copied_head = self.head(destination)
         if copied_head is None or copied_head["ContentLength"] != stored["ContentLength"]:
             raise StorageError(f"copy of {self.url(source)} to {destination} is incomplete")
-        self.delete(source)
 
     def _copy_if_unchanged(self, read: StoredObject, destination: str) -> str | None:
         """Copy the object ``read`` unless it changed since; return the copy's ETag.

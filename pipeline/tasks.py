@@ -197,15 +197,18 @@ def _crash_point(name: str, barcode: str) -> None:
     """Kill this process with SIGKILL here, when ``DIGIFEEDS_CRASH_AT`` names this point.
 
     A fault-injection hook for the crash tests, and nothing else: a real ``kill -9``
-    (no exception, no ``finally``, no cleanup) at a named step of ZipVolume, to show
-    that the next run finishes the job and nothing is lost. The points, in order:
-    ``zipping`` (some but not all of the zip written), ``uploading`` (some but not
-    all of the zip sent to S3; a zip of one upload chunk, 256 KiB, has no such
-    moment), ``uploaded`` (the zip verified in S3, before the processed copy),
-    ``kept`` (after the processed copy, before the ``zipped`` marker), ``zipped``
-    (after the marker, before the deletion) and ``retiring`` (after the first file of
-    the input folder is deleted). ``<point>:<barcode>`` kills only at that barcode's
-    point. Unset in production, it costs one environment lookup per step.
+    (no exception, no ``finally``, no cleanup) at a named step of ZipVolume or
+    Delivered, to show that the next run finishes the job and nothing is lost.
+    ZipVolume's points, in order: ``zipping`` (some but not all of the zip written),
+    ``uploading`` (some but not all of the zip sent to S3; a zip of one upload
+    chunk, 256 KiB, has no such moment), ``uploaded`` (the zip verified in S3,
+    before the processed copy), ``kept`` (after the processed copy, before the
+    ``zipped`` marker), ``zipped`` (after the marker, before the deletion) and
+    ``retiring`` (after the first file of the input folder is deleted). Delivered's:
+    ``delivered`` (after ``copying_end``, before the processed copy in S3) and
+    ``moving`` (after ``pending_deletion``, before the input copy is deleted).
+    ``<point>:<barcode>`` kills only at that barcode's point. Unset in production, it
+    costs one environment lookup per step.
     """
     if os.environ.get(CRASH_VARIABLE) in (name, f"{name}:{barcode}"):
         logger.warning("%s is %s: killing this process", CRASH_VARIABLE, name)
@@ -593,45 +596,77 @@ class ReadyForPickup(MarkerTask):
 
 
 class Delivered(MarkerTask):
-    """Copy the zip to the SFTP pickup, then move it to the processed prefix in S3."""
+    """Copy the zip to the SFTP pickup, then move it to the processed prefix in S3.
+
+    The move is a checked copy to the processed prefix, the ``pending_deletion``
+    marker, then the deletion of the input copy; the task is done once both are
+    behind it. Until then the zip stays in the input prefix, where the next run
+    finds it, so a crash at any point is finished by the next run.
+    """
 
     status = Status.PENDING_DELETION
 
     def requires(self) -> ReadyForPickup:
         return ReadyForPickup(barcode=self.barcode)
 
+    def complete(self) -> bool:
+        # Done once pending_deletion is recorded and the input prefix no longer holds
+        # the zip (asked only of items that reached pending_deletion).
+        if not super().complete():
+            return False
+        return getattr(self, "_input_deleted", False) or not context.storage().exists(
+            zip_key(self.barcode)
+        )
+
     def run(self) -> None:
         markers = context.markers()
         storage = context.storage()
         source, destination = zip_key(self.barcode), processed_key(self.barcode)
 
-        # Copy to the pickup, unless an earlier run finished the copy.
+        if markers.known(self.barcode, Status.PENDING_DELETION):
+            # An earlier run delivered and kept the processed copy, then stopped short
+            # of deleting the input copy: check the copy again before deleting.
+            logger.info("%s: finishing the move of a zip delivered earlier", self.barcode)
+            storage.copy_checked(source, destination)
+        else:
+            read = self.deliver(source, destination)
+            _crash_point("delivered", self.barcode)
+            # Keep the processed copy, checked, before the input copy goes.
+            storage.copy_checked(source, destination, read=read)
+            self.record()
+            _crash_point("moving", self.barcode)
+        storage.delete(source)
+        self._input_deleted = True
+        logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
+
+    def deliver(self, source: str, destination: str) -> StoredObject | None:
+        """Copy the zip to the pickup, unless an earlier run finished the copy.
+
+        Returns the object read from S3, or None when nothing was read.
+        """
+        markers = context.markers()
         attempt = utc_now()
         started = self.record(Status.COPYING_START)
         resumed = started.timestamp < attempt
-        read: StoredObject | None = None
         # A copy that starts now cannot have ended before.
-        if not resumed or not markers.exists(self.barcode, Status.COPYING_END):
-            if resumed:
-                logger.warning(
-                    "%s: resuming a copy to the pickup that started at %s and did not end; "
-                    "if the pickup collected a complete earlier copy, it gets this one too",
-                    self.barcode,
-                    started.timestamp.isoformat(),
-                )
-            read = self.copy_to_pickup(source, destination, resumed=resumed)
-            self.record(Status.COPYING_END)
-
-        # Move the zip to the processed prefix.
-        storage.move(source, destination, read=read)
-        logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
-        self.record()
+        if resumed and markers.exists(self.barcode, Status.COPYING_END):
+            return None
+        if resumed:
+            logger.warning(
+                "%s: resuming a copy to the pickup that started at %s and did not end; "
+                "if the pickup collected a complete earlier copy, it gets this one too",
+                self.barcode,
+                started.timestamp.isoformat(),
+            )
+        read = self.copy_to_pickup(source, destination, resumed=resumed)
+        self.record(Status.COPYING_END)
+        return read
 
     def copy_to_pickup(self, source: str, destination: str, *, resumed: bool) -> StoredObject:
         """Stream the zip from S3 to the pickup server; return the object that was read.
 
-        The zip is read from the input prefix, or from the processed prefix after a
-        crash between the move and its marker. A file already at the final name is
+        The zip is read from the input prefix, or from the processed prefix where
+        someone moved it there by hand. A file already at the final name is
         taken as this zip only when resuming an attempt of our own; otherwise it is
         someone else's, and a person must look.
         """

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -289,6 +290,14 @@ class Sandbox:
             aws_secret_access_key="sandbox",  # noqa: S106 - moto accepts any key
             region_name="us-east-1",
         )
+
+    def s3_requests(self) -> list[str]:
+        """Every request the S3 server has answered so far, as "METHOD /path?query".
+
+        Read from the server's access log, which it writes as it answers.
+        """
+        log = (self.logs / "s3.log").read_text(errors="replace")
+        return re.findall(r'"([A-Z]+ \S+) HTTP/[\d.]+" \d{3}', log)
 
     def create_bucket(self) -> None:
         """Create the sandbox bucket in the S3 server, if it is not there."""

@@ -8,7 +8,9 @@ Layout, under the state prefix::
 A marker is written only if absent, so a status keeps the time it was first
 recorded. Keys lead with the status, so "every item with a status" is one listing,
 and one listing of the whole prefix (:meth:`MarkerStore.list_all`) tells everything
-about every item.
+about every item. A run reads only the markers of the barcodes it works on
+(:meth:`MarkerStore.list_barcodes`), and keeps a :class:`Journal` of what it
+records, so that its cost follows its work and not the whole history.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import luigi
@@ -89,14 +91,18 @@ class Failure:
 
 @dataclasses.dataclass(frozen=True)
 class Listing:
-    """Every marker and failure record under the state prefix, as one listing found them.
+    """Markers and failure records under the state prefix, as a listing found them.
 
-    Times are the objects' LastModified: the marker's timestamp give or take a second.
+    ``span`` is the range of barcodes (first, last) whose markers the listing holds
+    in full; None for a listing of everything. Only inside the span does a marker
+    missing from the listing mean a status not reached. Times are the objects'
+    LastModified: the marker's timestamp give or take a second.
     """
 
     reached: dict[Status, dict[str, dt.datetime]]
     failed: dict[str, dt.datetime]
     requests: int = 0
+    span: tuple[str, str] | None = None
 
     def barcodes_with(self, status: Status) -> dict[str, dt.datetime]:
         """Every barcode that had reached ``status``, with when."""
@@ -105,6 +111,32 @@ class Listing:
     def has(self, barcode: str, status: Status) -> bool:
         """Tell whether the item had reached ``status``."""
         return barcode in self.reached.get(status, {})
+
+    def covers(self, barcode: str) -> bool:
+        """Tell whether the listing holds every marker of ``barcode``."""
+        return self.span is None or self.span[0] <= barcode <= self.span[1]
+
+
+@dataclasses.dataclass
+class Journal:
+    """What one process recorded: markers written, failure records written or removed.
+
+    A run's summary is the listing it started from with its builders' journals on
+    top, so it needs no second listing. ``failures`` maps a barcode to its new
+    failure record, or to None where the record was removed.
+    """
+
+    reached: dict[Status, dict[str, dt.datetime]] = dataclasses.field(default_factory=dict)
+    failures: dict[str, Failure | None] = dataclasses.field(default_factory=dict)
+
+    def add(self, other: Journal) -> None:
+        """Take in what another journal holds, as recorded after this one."""
+        for status, barcodes in other.reached.items():
+            self.reached.setdefault(status, {}).update(barcodes)
+        self.failures.update(other.failures)
+
+    def __bool__(self) -> bool:
+        return bool(self.failures) or any(self.reached.values())
 
 
 class MarkerStore:
@@ -124,10 +156,10 @@ class MarkerStore:
         # in use.
         self._listing: Listing | None = None
         self._listing_in_use = False
-        # The failure records a listing found, and those recorded by this process since:
-        # a success looks for a failure record to clear only where one may be.
-        self._failed_listed: set[str] | None = None
+        # Failure records recorded by this process: a success looks for a failure
+        # record to clear only where the listing found one or one was written since.
         self._failed_since: set[str] = set()
+        self._journal = Journal()
 
     def key(self, barcode: str, status: Status) -> str:
         """Return the S3 key of a marker; the barcode is validated first."""
@@ -139,17 +171,20 @@ class MarkerStore:
 
     def exists(self, barcode: str, status: Status) -> bool:
         """Tell whether the item has reached ``status`` (at most one HEAD request)."""
-        if (status, barcode) in self._known:
+        if self.known(barcode, status):
             return True
-        if self._listing is not None:
-            if self._listing.has(barcode, status):
-                return True
-            if self._listing_in_use:
-                return False
+        if self._listing is not None and self._listing_in_use and self._listing.covers(barcode):
+            return False
         found = self.storage.exists(self.key(barcode, status))
         if found:
             self._known.add((status, barcode))
         return found
+
+    def known(self, barcode: str, status: Status) -> bool:
+        """Tell whether this process knows the item reached ``status``; no request."""
+        if (status, barcode) in self._known:
+            return True
+        return self._listing is not None and self._listing.has(barcode, status)
 
     def read(self, barcode: str, status: Status) -> Marker | None:
         """Return the item's marker for ``status``, or None if it has not reached it."""
@@ -170,6 +205,7 @@ class MarkerStore:
                 raise StorageError(f"marker {status} vanished while being written", barcode=barcode)
             marker = earlier
         self._known.add((status, barcode))
+        self._journal.reached.setdefault(status, {})[barcode] = marker.timestamp
         return marker
 
     def history(self, barcode: str) -> list[Marker]:
@@ -182,29 +218,58 @@ class MarkerStore:
 
         Objects that are not ``<status>/<barcode>.json`` are left out.
         """
+        listing = self._list(self.prefix, None)
+        for status, barcodes in listing.reached.items():
+            self._known.update((status, barcode) for barcode in barcodes)
+        return listing
+
+    def list_barcodes(self, barcodes: Collection[str]) -> Listing:
+        """List the markers and failure records of the barcodes from the first to the last.
+
+        One listing per status folder, from the first barcode's key to the last's: a
+        request per thousand markers in that range, and none at all for no barcodes.
+        Markers of other barcodes inside the range come with it.
+        """
+        if not barcodes:
+            return Listing({status: {} for status in Status}, {}, 0, span=("", ""))
+        span = (min(barcodes), max(barcodes))
+        reached: dict[Status, dict[str, dt.datetime]] = {}
+        requests = 0
+        for status in Status:
+            part = self._list(f"{self.prefix}{status.value}/", span)
+            reached[status] = part.reached.get(status, {})
+            self._known.update((status, barcode) for barcode in reached[status])
+            requests += part.requests
+        failures = self._list(f"{self.prefix}{FAILED}/", span)
+        return Listing(reached, failures.failed, requests + failures.requests, span=span)
+
+    def _list(self, prefix: str, span: tuple[str, str] | None) -> Listing:
+        """List the markers under ``prefix``: all of them, or those of barcodes in ``span``."""
         reached: dict[Status, dict[str, dt.datetime]] = {status: {} for status in Status}
         failed: dict[str, dt.datetime] = {}
         requests = 0
+        start = {} if span is None else {"StartAfter": f"{prefix}{span[0]}"}
+        last_name = None if span is None else f"{span[1]}.json"
         pages = self.storage.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.storage.bucket, Prefix=self.prefix
+            Bucket=self.storage.bucket, Prefix=prefix, **start
         )
         try:
             for page in pages:
                 requests += 1
                 for item in page.get("Contents", []):
                     folder, _, name = item["Key"][len(self.prefix) :].partition("/")
+                    if last_name is not None and name > last_name:
+                        return Listing(reached, failed, requests, span)
                     barcode = name.removesuffix(".json")
                     if not is_valid(barcode) or not name.endswith(".json"):
                         continue
                     if folder == FAILED:
                         failed[barcode] = item["LastModified"]
                     elif folder in _STATUS_FOLDERS:
-                        status = Status(folder)
-                        reached[status][barcode] = item["LastModified"]
-                        self._known.add((status, barcode))
+                        reached[Status(folder)][barcode] = item["LastModified"]
         except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot list {self.storage.url(self.prefix)}: {exc}") from exc
-        return Listing(reached, failed, requests)
+            raise StorageError(f"cannot list {self.storage.url(prefix)}: {exc}") from exc
+        return Listing(reached, failed, requests, span)
 
     def use_listing(self, listing: Listing) -> None:
         """Answer ``exists`` from ``listing`` (negatives too) until :meth:`end_listing`.
@@ -214,11 +279,15 @@ class MarkerStore:
         """
         self._listing = listing
         self._listing_in_use = True
-        self._failed_listed = set(listing.failed)
 
     def end_listing(self) -> None:
         """Stop answering negatives from the listing: from now on, they ask S3 again."""
         self._listing_in_use = False
+
+    def take_journal(self) -> Journal:
+        """Return what this process recorded since the last call, and start a new journal."""
+        journal, self._journal = self._journal, Journal()
+        return journal
 
     def record_failure(self, barcode: str, task: str, error: BaseException) -> Failure:
         """Keep the item's latest failure; the message is the error's, never a traceback."""
@@ -226,6 +295,7 @@ class MarkerStore:
         failure = Failure(barcode, task, kind, str(error), utc_now())
         self._failed_since.add(barcode)
         self.storage.put_json(self.failure_key(barcode), failure.to_json())
+        self._journal.failures[barcode] = failure
         return failure
 
     def clear_failure(self, barcode: str, tasks: Iterable[str]) -> None:
@@ -234,15 +304,18 @@ class MarkerStore:
         No request at all for an item that the last listing found without a failure
         record and that has not failed in this process since.
         """
+        listing = self._listing
         if (
-            self._failed_listed is not None
-            and barcode not in self._failed_listed
+            listing is not None
+            and listing.covers(barcode)
+            and barcode not in listing.failed
             and barcode not in self._failed_since
         ):
             return
         data = self.storage.get_json(self.failure_key(barcode))
         if data and data.get("task") in set(tasks):
             self.storage.delete(self.failure_key(barcode))
+            self._journal.failures[barcode] = None
 
     def failure(self, barcode: str) -> Failure | None:
         """Return the item's latest failure, if it has one."""

@@ -1,4 +1,4 @@
-"""Batched Alma calls and batch listings keep every barcode's outcome as it is alone."""
+"""Batched Alma calls and the run's one listing keep every barcode's outcome as it is alone."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from helpers import (
     new_barcodes,
 )
 
+from pipeline.report import Item, Report
 from pipeline.status import Status
 from pipeline.storage import Storage
 from sandbox.alma_sim import AlmaControl
@@ -79,37 +80,96 @@ def test_one_listing_answers_completion_checks_without_a_request_each(
     )
     store = MarkerStore(storage, "state/")
     barcodes = new_barcodes(60)
-    for barcode in barcodes[:30]:
+    (outside,) = new_barcodes(1)  # after the last of the sixty
+    for barcode in [*barcodes[:30], outside]:
         store.record(barcode, Status.ZIPPED)
     store.record_failure(barcodes[1], "InAlmaSet", RuntimeError("boom"))
     storage.put_json("state/zipped/not-a-barcode.json", {})  # left out, not an error
     fresh = MarkerStore(storage, "state/")
     counts = count_requests(storage)
 
-    listing = fresh.list_all()
+    listing = fresh.list_barcodes(barcodes)
     fresh.use_listing(listing)
     answers = {b: fresh.exists(b, Status.ZIPPED) for b in barcodes}
     zephir_answers = {b: fresh.exists(b, Status.IN_ZEPHIR) for b in barcodes}
     for barcode in barcodes[2:4]:
         fresh.clear_failure(barcode, ["InAlmaSet"])  # the listing found none to clear
 
-    # One listing request for the whole (small) marker prefix, then no request at all.
-    assert counts == {"ListObjectsV2": 1} == {"ListObjectsV2": listing.requests}
+    # One listing request per status folder and one for the failure records, over the
+    # sixty barcodes' range only; then no request at all.
+    folders = len(Status) + 1
+    assert counts == {"ListObjectsV2": folders} == {"ListObjectsV2": listing.requests}
     assert answers == {b: b in barcodes[:30] for b in barcodes}
     assert not any(zephir_answers.values())
     assert barcodes[1] in listing.failed
+    assert outside not in listing.barcodes_with(Status.ZIPPED)
+
+    # Outside the listing's range, a negative is not trusted: it is asked.
+    assert fresh.exists(outside, Status.ZIPPED) is True
+    assert counts["HeadObject"] == 1
 
     # Once the listing ends, negatives are asked again; positives stay known.
     fresh.end_listing()
     store.record(barcodes[40], Status.IN_ZEPHIR)
     assert fresh.exists(barcodes[40], Status.IN_ZEPHIR) is True
     assert fresh.exists(barcodes[0], Status.ZIPPED) is True
-    assert counts == {"ListObjectsV2": 1, "PutObject": 1, "HeadObject": 1}
+    assert counts == {"ListObjectsV2": folders, "PutObject": 1, "HeadObject": 2}
 
     # A failure the listing found is looked for, and cleared by its task's success.
     fresh.clear_failure(barcodes[1], ["InAlmaSet"])
     assert counts["GetObject"] == 1 and counts["DeleteObject"] == 1
     assert store.failure(barcodes[1]) is None
+
+
+def test_no_barcodes_cost_no_listing_and_trust_no_negative(clean: Sandbox) -> None:
+    storage = Storage(
+        BUCKET, endpoint_url=clean.url("s3"), credentials_file=str(clean.aws_credentials)
+    )
+    store = MarkerStore(storage, "state/")
+    (barcode,) = new_barcodes(1)
+    store.record(barcode, Status.ZIPPED)
+    counts = count_requests(storage)
+
+    listing = store.list_barcodes([])
+    store.use_listing(listing)
+
+    assert counts == {} and listing.requests == 0
+    assert not listing.covers(barcode)
+    assert MarkerStore(storage, "state/").exists(barcode, Status.ZIPPED) is True
+
+
+def test_a_run_journal_tells_what_a_second_listing_would(clean: Sandbox) -> None:
+    storage = Storage(
+        BUCKET, endpoint_url=clean.url("s3"), credentials_file=str(clean.aws_credentials)
+    )
+    store = MarkerStore(storage, "state/")
+    barcodes = new_barcodes(4)
+    store.record(barcodes[0], Status.ZIPPED)
+    store.record_failure(barcodes[1], "InAlmaSet", RuntimeError("boom"))
+    store.record_failure(barcodes[2], "InAlmaSet", RuntimeError("boom"))
+    worker = MarkerStore(storage, "state/")
+    listing = worker.list_barcodes(barcodes)
+    worker.use_listing(listing)
+
+    # What a run's tasks do: record statuses, fail, succeed after a failure.
+    worker.record(barcodes[0], Status.ZIPPED)  # already there: keeps its first time
+    worker.record(barcodes[0], Status.ADDED_TO_DIGIFEEDS_SET)
+    worker.record(barcodes[3], Status.ZIPPED)
+    worker.record_failure(barcodes[3], "InAlmaSet", RuntimeError("again"))
+    worker.clear_failure(barcodes[1], ["InAlmaSet"])
+    journal = worker.take_journal()
+
+    summary = Report.from_listing(listing, worker, journal=journal)
+    reread = Report.read(MarkerStore(storage, "state/"))
+    for barcode in barcodes:
+        got, want = (
+            summary.items.get(barcode, Item(barcode)),
+            reread.items.get(barcode, Item(barcode)),
+        )
+        assert got.current == want.current, barcode
+        assert (got.failure and got.failure.message) == (want.failure and want.failure.message)
+    assert summary.counts(barcodes) == reread.counts(barcodes)
+    assert not worker.take_journal()
 
 
 def test_a_barcode_that_breaks_every_alma_call_fails_alone_and_its_batch_goes_on(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
@@ -63,13 +64,48 @@ def test_generated_volumes_are_delivered_and_a_rerun_runs_nothing(
 
     calls_before = len(alma.requests())
     markers_before = s3_client(clean).list_objects_v2(Bucket=BUCKET, Prefix="state/")["Contents"]
+    requests_before = len(clean.s3_requests())
     second = digifeeds("run")
 
     assert second.returncode == 0, second.stderr
     assert "0 barcodes" in second.stdout
     assert len(alma.requests()) == calls_before
+    # Delivered items are history: the rerun lists the input prefix, and reads no marker.
+    assert [r.split("?")[0] for r in clean.s3_requests()[requests_before:]] == [f"GET /{BUCKET}"]
     markers_after = s3_client(clean).list_objects_v2(Bucket=BUCKET, Prefix="state/")["Contents"]
     assert markers_after == markers_before
+
+
+@pytest.mark.parametrize("point", ["delivered", "moving"])
+def test_a_kill_during_the_move_is_finished_by_the_next_run_without_a_second_delivery(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl, point: str
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    run = ("run", "--local-scheduler", "--workers", "1")
+
+    crashed = digifeeds(*run, env={"DIGIFEEDS_CRASH_AT": f"{point}:{barcode}"})
+
+    # A real kill -9 with the zip on the pickup and still in the input prefix.
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    delivered = clean.pickup / f"{barcode}.zip"
+    first_copy = delivered.stat()
+    assert keys(clean, "input/") == {f"input/{barcode}.zip"}
+    marked = history(barcode)[-1]
+    assert marked == ("copying_end" if point == "delivered" else "pending_deletion")
+
+    rerun = digifeeds(*run)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert history(barcode) == DELIVERED
+    assert keys(clean, "input/") == set()
+    assert keys(clean, "processed/") == {f"processed/{barcode}.zip"}
+    processed = s3_client(clean).get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")
+    assert processed["Body"].read() == delivered.read_bytes()
+    # The pickup got the zip once: the rerun did not write it again.
+    again = delivered.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first_copy.st_ino, first_copy.st_mtime_ns)
+    assert sorted(p.name for p in clean.pickup.iterdir()) == [f"{barcode}.zip"]
 
 
 def test_real_volumes_deliver_the_valid_four_and_reject_the_bad_checksums(

@@ -83,28 +83,40 @@ def test_put_json_only_if_absent_never_replaces(storage: Storage) -> None:
     assert storage.get_json("k.json") == {"first": True}
 
 
-def test_move_is_copy_then_delete_and_safe_to_repeat_after_a_crash(storage: Storage) -> None:
+def test_a_checked_copy_is_safe_to_repeat_and_keeps_an_equal_copy(storage: Storage) -> None:
     (barcode,) = new_barcodes(1)
     source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
     storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
 
-    # A crash after the copy, before the delete, leaves both objects.
+    # A crash after the copy leaves both objects; the copy is checked and kept.
     storage.client.copy_object(
         Bucket=BUCKET, Key=destination, CopySource={"Bucket": BUCKET, "Key": source}
     )
-    storage.move(source, destination)
+    counts = count_requests(storage)
+    storage.copy_checked(source, destination)
+    assert counts == {"HeadObject": 2}
 
-    assert not storage.exists(source)
+    # Once the source is deleted, a repeat finds the copy made before.
+    storage.delete(source)
+    storage.copy_checked(source, destination)
     with storage.open(destination) as stored:
         assert stored.body.read() == b"zip bytes"
 
-    storage.move(source, destination)  # and once more, after everything is done
-    assert storage.exists(destination)
+
+def test_a_checked_copy_replaces_a_destination_that_differs(storage: Storage) -> None:
+    (barcode,) = new_barcodes(1)
+    source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
+    storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
+    storage.client.put_object(Bucket=BUCKET, Key=destination, Body=b"half")
+
+    storage.copy_checked(source, destination)
+
+    with storage.open(destination) as stored:
+        assert stored.body.read() == b"zip bytes"
+    assert storage.exists(source)
 
 
-def test_move_of_the_object_read_costs_two_requests_and_verifies_the_copy(
-    storage: Storage,
-) -> None:
+def test_a_checked_copy_of_the_object_read_costs_one_request(storage: Storage) -> None:
     (barcode,) = new_barcodes(1)
     source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
     storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
@@ -112,15 +124,16 @@ def test_move_of_the_object_read_costs_two_requests_and_verifies_the_copy(
         assert (read.key, read.body.read(), read.size) == (source, b"zip bytes", 9)
 
     counts = count_requests(storage)
-    storage.move(source, destination, read=read)
+    storage.copy_checked(source, destination, read=read)
 
-    assert counts == {"CopyObject": 1, "DeleteObject": 1}
-    assert not storage.exists(source)
-    with storage.open(source, destination) as moved:
-        assert (moved.key, moved.body.read(), moved.etag) == (destination, b"zip bytes", read.etag)
+    assert counts == {"CopyObject": 1}
+    with storage.open(destination) as copied:
+        assert (copied.body.read(), copied.etag) == (b"zip bytes", read.etag)
 
 
-def test_move_refuses_an_object_that_changed_after_it_was_read(storage: Storage) -> None:
+def test_a_checked_copy_refuses_an_object_that_changed_after_it_was_read(
+    storage: Storage,
+) -> None:
     (barcode,) = new_barcodes(1)
     source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
     storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
@@ -131,7 +144,7 @@ def test_move_refuses_an_object_that_changed_after_it_was_read(storage: Storage)
     # S3 refuses the copy (CopySourceIfMatch); moto copies anyway, and the ETag
     # comparison that follows catches it. Either way the source stays.
     with pytest.raises(StorageError, match=rf"input/{barcode}\.zip changed after it was read"):
-        storage.move(source, destination, read=read)
+        storage.copy_checked(source, destination, read=read)
     with storage.open(source) as stored:
         assert stored.body.read() == b"other bytes"
 
@@ -143,9 +156,9 @@ def test_open_of_no_object_names_every_key(storage: Storage) -> None:
         pass
 
 
-def test_move_of_nothing_is_an_error_naming_the_key(storage: Storage) -> None:
+def test_a_checked_copy_of_nothing_is_an_error_naming_the_key(storage: Storage) -> None:
     with pytest.raises(StorageError, match=r"input/nothing\.zip"):
-        storage.move("input/nothing.zip", "processed/nothing.zip")
+        storage.copy_checked("input/nothing.zip", "processed/nothing.zip")
 
 
 def test_errors_carry_the_key_and_wrap_botocore(clean: Sandbox) -> None:

@@ -353,6 +353,8 @@ def test_a_builder_killed_mid_batch_fails_that_batch_and_the_others_go_on(
     assert crashed.returncode == 1, crashed.stderr
     assert re.search(r"batch \d: its builder \(pid \d+\) died \(exit code -9\)", crashed.stderr)
     assert "1 batches stopped when their builder died" in crashed.stdout
+    # The summary read back what the dead builder had recorded.
+    assert "2 zipped" in crashed.stdout
     assert history(other) == ["zipped"] and not (clean.input / other).exists(), crashed.stderr
     assert history(doomed) == ["zipped"] and (clean.input / doomed).exists()
     assert_nothing_lost(clean, doomed, volumes[doomed])
