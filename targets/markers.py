@@ -35,6 +35,11 @@ FAILED = "failed"
 _STATUS_FOLDERS = {status.value for status in Status}
 
 
+def _marker_name(barcode: str) -> str:
+    """The name of an item's marker in a status folder (its key's last part)."""
+    return f"{barcode}.json"
+
+
 def utc_now() -> dt.datetime:
     """Return the current time in UTC, to the second."""
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -93,16 +98,16 @@ class Failure:
 class Listing:
     """Markers and failure records under the state prefix, as a listing found them.
 
-    ``span`` is the range of barcodes (first, last) whose markers the listing holds
-    in full; None for a listing of everything. Only inside the span does a marker
-    missing from the listing mean a status not reached. Times are the objects'
-    LastModified: the marker's timestamp give or take a second.
+    ``covered`` is the barcodes whose markers the listing holds in full; None for a
+    listing of everything. Only for those does a marker missing from the listing
+    mean a status not reached. Times are the objects' LastModified: the marker's
+    timestamp give or take a second.
     """
 
     reached: dict[Status, dict[str, dt.datetime]]
     failed: dict[str, dt.datetime]
     requests: int = 0
-    span: tuple[str, str] | None = None
+    covered: frozenset[str] | None = None
 
     def barcodes_with(self, status: Status) -> dict[str, dt.datetime]:
         """Every barcode that had reached ``status``, with when."""
@@ -114,7 +119,7 @@ class Listing:
 
     def covers(self, barcode: str) -> bool:
         """Tell whether the listing holds every marker of ``barcode``."""
-        return self.span is None or self.span[0] <= barcode <= self.span[1]
+        return self.covered is None or barcode in self.covered
 
 
 @dataclasses.dataclass
@@ -148,9 +153,11 @@ class MarkerStore:
     :meth:`end_listing`, around the scheduling of a build), it answers negatives too.
     """
 
-    def __init__(self, storage: Storage, prefix: str) -> None:
+    def __init__(self, storage: Storage, prefix: str, *, page_size: int = 1000) -> None:
         self.storage = storage
         self.prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+        # Keys a listing request asks for; S3 answers at most 1000.
+        self.page_size = page_size
         self._known: set[tuple[Status, str]] = set()
         # The last listing used: its positives stay true; its negatives only while it is
         # in use.
@@ -163,11 +170,11 @@ class MarkerStore:
 
     def key(self, barcode: str, status: Status) -> str:
         """Return the S3 key of a marker; the barcode is validated first."""
-        return f"{self.prefix}{status.value}/{validate(barcode)}.json"
+        return f"{self.prefix}{status.value}/{_marker_name(validate(barcode))}"
 
     def failure_key(self, barcode: str) -> str:
         """Return the S3 key of an item's failure record."""
-        return f"{self.prefix}{FAILED}/{validate(barcode)}.json"
+        return f"{self.prefix}{FAILED}/{_marker_name(validate(barcode))}"
 
     def exists(self, barcode: str, status: Status) -> bool:
         """Tell whether the item has reached ``status`` (at most one HEAD request)."""
@@ -218,48 +225,78 @@ class MarkerStore:
 
         Objects that are not ``<status>/<barcode>.json`` are left out.
         """
-        listing = self._list(self.prefix, None)
+        listing = self._list(self.prefix)
         for status, barcodes in listing.reached.items():
             self._known.update((status, barcode) for barcode in barcodes)
         return listing
 
     def list_barcodes(self, barcodes: Collection[str]) -> Listing:
-        """List the markers and failure records of the barcodes from the first to the last.
+        """List the markers and failure records of ``barcodes``, and only theirs.
 
-        One listing per status folder, from the first barcode's key to the last's: a
-        request per thousand markers in that range, and none at all for no barcodes.
-        Markers of other barcodes inside the range come with it.
+        Each status folder and the failure records are read from the first barcode's
+        key onwards, a page at a time: a page answers for every barcode up to its last
+        key, and the next starts at the first barcode not yet answered for. A folder
+        costs a request per page of markers in the barcodes' range, and never more
+        than a request per barcode; no barcodes cost no request.
         """
-        if not barcodes:
-            return Listing({status: {} for status in Status}, {}, 0, span=("", ""))
-        span = (min(barcodes), max(barcodes))
+        wanted = sorted(set(barcodes), key=_marker_name)
         reached: dict[Status, dict[str, dt.datetime]] = {}
         requests = 0
         for status in Status:
-            part = self._list(f"{self.prefix}{status.value}/", span)
-            reached[status] = part.reached.get(status, {})
-            self._known.update((status, barcode) for barcode in reached[status])
-            requests += part.requests
-        failures = self._list(f"{self.prefix}{FAILED}/", span)
-        return Listing(reached, failures.failed, requests + failures.requests, span=span)
+            found, cost = self._list_for(f"{self.prefix}{status.value}/", wanted)
+            reached[status] = found
+            self._known.update((status, barcode) for barcode in found)
+            requests += cost
+        failed, cost = self._list_for(f"{self.prefix}{FAILED}/", wanted)
+        return Listing(reached, failed, requests + cost, covered=frozenset(wanted))
 
-    def _list(self, prefix: str, span: tuple[str, str] | None) -> Listing:
-        """List the markers under ``prefix``: all of them, or those of barcodes in ``span``."""
+    def _list_for(self, folder: str, wanted: list[str]) -> tuple[dict[str, dt.datetime], int]:
+        """The objects of ``wanted`` (sorted by key) in ``folder``: barcode to LastModified."""
+        found: dict[str, dt.datetime] = {}
+        requests = 0
+        names = {_marker_name(barcode): barcode for barcode in wanted}
+        index, after = 0, ""
+        while index < len(wanted):
+            # Just before the key of the first barcode not answered for, and never
+            # before the end of the last page.
+            start = max(folder + wanted[index], after)
+            try:
+                page = self.storage.client.list_objects_v2(
+                    Bucket=self.storage.bucket,
+                    Prefix=folder,
+                    StartAfter=start,
+                    MaxKeys=self.page_size,
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"cannot list {self.storage.url(folder)}: {exc}") from exc
+            requests += 1
+            contents = page.get("Contents", [])
+            for item in contents:
+                barcode = names.get(item["Key"][len(folder) :])
+                if barcode is not None:
+                    found[barcode] = item["LastModified"]
+            if not page.get("IsTruncated") or not contents:
+                break
+            # Every wanted key up to the page's last is answered for.
+            after = contents[-1]["Key"]
+            last = after[len(folder) :]
+            while index < len(wanted) and _marker_name(wanted[index]) <= last:
+                index += 1
+        return found, requests
+
+    def _list(self, prefix: str) -> Listing:
+        """List every marker and failure record under ``prefix``."""
         reached: dict[Status, dict[str, dt.datetime]] = {status: {} for status in Status}
         failed: dict[str, dt.datetime] = {}
         requests = 0
-        start = {} if span is None else {"StartAfter": f"{prefix}{span[0]}"}
-        last_name = None if span is None else f"{span[1]}.json"
         pages = self.storage.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.storage.bucket, Prefix=prefix, **start
+            Bucket=self.storage.bucket, Prefix=prefix
         )
         try:
             for page in pages:
                 requests += 1
                 for item in page.get("Contents", []):
                     folder, _, name = item["Key"][len(self.prefix) :].partition("/")
-                    if last_name is not None and name > last_name:
-                        return Listing(reached, failed, requests, span)
                     barcode = name.removesuffix(".json")
                     if not is_valid(barcode) or not name.endswith(".json"):
                         continue
@@ -269,7 +306,7 @@ class MarkerStore:
                         reached[Status(folder)][barcode] = item["LastModified"]
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"cannot list {self.storage.url(prefix)}: {exc}") from exc
-        return Listing(reached, failed, requests, span)
+        return Listing(reached, failed, requests)
 
     def use_listing(self, listing: Listing) -> None:
         """Answer ``exists`` from ``listing`` (negatives too) until :meth:`end_listing`.

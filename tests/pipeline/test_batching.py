@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from pathlib import Path
 
 from helpers import (
@@ -119,6 +120,40 @@ def test_one_listing_answers_completion_checks_without_a_request_each(
     fresh.clear_failure(barcodes[1], ["InAlmaSet"])
     assert counts["GetObject"] == 1 and counts["DeleteObject"] == 1
     assert store.failure(barcodes[1]) is None
+
+
+def test_a_listing_costs_no_more_than_a_request_per_barcode_amid_many_others(
+    clean: Sandbox,
+) -> None:
+    storage = Storage(
+        BUCKET, endpoint_url=clean.url("s3"), credentials_file=str(clean.aws_credentials)
+    )
+    barcodes = new_barcodes(32)
+    writer = MarkerStore(storage, "state/")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda b: writer.record(b, Status.ZIPPED), barcodes))
+    wanted = [barcodes[0], barcodes[31]]  # thirty others' markers lie between them
+    writer.record(barcodes[31], Status.IN_ZEPHIR)
+
+    # Pages of five keys: the thirty-two zipped markers make seven pages.
+    sparse = MarkerStore(storage, "state/", page_size=5)
+    sparse_listing = sparse.list_barcodes(wanted)
+    dense = MarkerStore(storage, "state/", page_size=5)
+    dense_listing = dense.list_barcodes(barcodes)
+
+    # Two barcodes: the zipped folder costs a request each, not its seven pages.
+    assert sparse_listing.requests == (len(Status) - 1) + 2 + 1
+    assert set(sparse_listing.barcodes_with(Status.ZIPPED)) == set(wanted)
+    assert set(sparse_listing.barcodes_with(Status.IN_ZEPHIR)) == {barcodes[31]}
+    # All thirty-two: the zipped folder costs its seven pages, not a request each.
+    assert dense_listing.requests == (len(Status) - 1) + 7 + 1
+    assert set(dense_listing.barcodes_with(Status.ZIPPED)) == set(barcodes)
+    # Each answers for the barcodes it was asked about, and only for those.
+    sparse.use_listing(sparse_listing)
+    assert sparse.exists(barcodes[31], Status.IN_ZEPHIR) is True
+    assert sparse.exists(barcodes[0], Status.IN_ZEPHIR) is False
+    assert not sparse_listing.covers(barcodes[1])
+    assert sparse.exists(barcodes[1], Status.ZIPPED) is True  # asked of S3
 
 
 def test_no_barcodes_cost_no_listing_and_trust_no_negative(clean: Sandbox) -> None:
