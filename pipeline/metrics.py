@@ -37,7 +37,10 @@ def build_registry(figures: RunFigures) -> CollectorRegistry:
     """
     registry = CollectorRegistry()
     by_status = Gauge(
-        "digifeeds_barcodes", "Barcodes by current status.", ["status"], registry=registry
+        "digifeeds_barcodes",
+        "Barcodes this run worked on, by the status it left them in.",
+        ["status"],
+        registry=registry,
     )
     for status, count in figures.by_status.items():
         by_status.labels(status).set(count)
