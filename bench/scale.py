@@ -13,6 +13,7 @@ same run; and the ratio of the largest run's wall time to the smallest's::
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import configparser
 import io
@@ -63,9 +64,19 @@ def seed(box: Sandbox, barcodes: list[str]) -> None:
         list(pool.map(put, barcodes))
 
 
-def s3_requests(box: Sandbox) -> int:
-    """Requests the S3 server has answered so far."""
-    return len(box.s3_requests())
+def s3_requests(box: Sandbox) -> list[str]:
+    """Requests the S3 server has answered so far, as "METHOD /path?query"."""
+    return box.s3_requests()
+
+
+def by_kind(requests: list[str]) -> str:
+    """Requests counted by kind; a GET of the bucket itself is a listing."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for request in requests:
+        method, path = request.split(" ", 1)
+        listing = method == "GET" and path.split("?", 1)[0].strip("/") == BUCKET
+        kinds["LIST" if listing else method] += 1
+    return ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -95,7 +106,8 @@ def run(env: dict[str, str], *args: str) -> tuple[float, subprocess.CompletedPro
     return time.perf_counter() - started, result
 
 
-def measure(size: int, workers: int) -> dict[str, float]:
+def measure(size: int, workers: int) -> tuple[dict[str, float], str]:
+    """The figures of one run of ``size`` barcodes and its no-op rerun; S3 requests by kind."""
     root = Path(tempfile.mkdtemp(prefix="digifeeds-bench-"))
     box = Sandbox(root, Ports.free())
     box.start()
@@ -121,7 +133,7 @@ def measure(size: int, workers: int) -> dict[str, float]:
         alma.clear_requests()
         zephir.clear_requests()
 
-        before = s3_requests(box)
+        before = len(s3_requests(box))
         cpu_before = service_cpu(box)
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         seconds, result = run(env, "--hold-days", "0")
@@ -130,9 +142,11 @@ def measure(size: int, workers: int) -> dict[str, float]:
         if result.returncode != 0:
             print(result.stdout, result.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"the run of {size} barcodes failed ({result.returncode})")
+        requests = s3_requests(box)[before:]
+        kinds = by_kind(requests)
         figures = {
             "wall": seconds,
-            "s3": s3_requests(box) - before,
+            "s3": len(requests),
             "alma": len([r for r in alma.requests() if "/conf/sets/" in r["path"]]),
             "zephir": len(zephir.requests()),
             "delivered": len(list(box.pickup.glob("*.zip"))),
@@ -142,9 +156,9 @@ def measure(size: int, workers: int) -> dict[str, float]:
         for name, value in cpu_after.items():
             figures[f"cpu_{name}"] = value - cpu_before.get(name, 0.0)
 
-        before = s3_requests(box)
+        before = len(s3_requests(box))
         figures["noop_wall"], again = run(env, "--hold-days", "0")
-        figures["noop_s3"] = s3_requests(box) - before
+        figures["noop_s3"] = len(s3_requests(box)) - before
         if again.returncode != 0 or "0 delivered" not in again.stdout:
             raise SystemExit(f"the no-op rerun did work: {again.stdout}")
 
@@ -157,7 +171,7 @@ def measure(size: int, workers: int) -> dict[str, float]:
             keys += len(page.get("Contents", []))
         figures["listing_wall"] = time.perf_counter() - started
         figures["markers"] = keys
-        return figures
+        return figures, kinds
     finally:
         box.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -173,7 +187,7 @@ def main() -> None:
     results = {}
     for size in args.sizes:
         print(f"running {size} barcodes...", flush=True)
-        figures = measure(size, args.workers)
+        figures, kinds = measure(size, args.workers)
         results[size] = figures
         print(
             f"{size:>6} barcodes: {figures['wall']:7.1f} s, {figures['delivered']:.0f} delivered, "
@@ -182,6 +196,7 @@ def main() -> None:
             f"Zephir {figures['zephir']:.0f} calls",
             flush=True,
         )
+        print(f"        S3 requests by kind: {kinds}", flush=True)
         cpu = {k[4:]: v for k, v in figures.items() if k.startswith("cpu_")}
         print(
             "        CPU seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())),
