@@ -294,9 +294,11 @@ class Sandbox:
     def s3_requests(self) -> list[str]:
         """Every request the S3 server has answered so far, as "METHOD /path?query".
 
-        Read from the server's access log, which it writes as it answers.
+        Read from the server's access log, which it writes as it answers; the log
+        colours the lines of answers other than 200, so its colour codes go first.
         """
         log = (self.logs / "s3.log").read_text(errors="replace")
+        log = re.sub(r"\x1b\[[0-9;]*m", "", log)
         return re.findall(r'"([A-Z]+ \S+) HTTP/[\d.]+" \d{3}', log)
 
     def create_bucket(self) -> None:

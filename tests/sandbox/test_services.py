@@ -1,4 +1,4 @@
-"""The sandbox launcher refuses ports that something else holds."""
+"""The sandbox launcher refuses ports that something else holds and counts S3 requests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
-from sandbox.services import HOST, Ports, Sandbox
+from sandbox.services import BUCKET, HOST, Ports, Sandbox
 
 
 def test_a_sandbox_does_not_start_on_a_port_another_listener_holds(tmp_path: Path) -> None:
@@ -22,3 +23,22 @@ def test_a_sandbox_does_not_start_on_a_port_another_listener_holds(tmp_path: Pat
             box.start()
 
     assert box.running() == {}
+
+
+def test_the_sandbox_counts_every_s3_request_whatever_its_answer(clean: Sandbox) -> None:
+    client = clean.s3_client()
+    before = len(clean.s3_requests())
+
+    client.put_object(Bucket=BUCKET, Key="input/counted.zip", Body=b"1")
+    with pytest.raises(ClientError):
+        client.head_object(Bucket=BUCKET, Key="input/missing.zip")  # 404
+    with pytest.raises(ClientError):
+        client.get_object(Bucket=BUCKET, Key="input/counted.zip", IfMatch='"0"')  # 412
+    client.delete_object(Bucket=BUCKET, Key="input/counted.zip")  # 204
+
+    assert clean.s3_requests()[before:] == [
+        f"PUT /{BUCKET}/input/counted.zip",
+        f"HEAD /{BUCKET}/input/missing.zip",
+        f"GET /{BUCKET}/input/counted.zip",
+        f"DELETE /{BUCKET}/input/counted.zip",
+    ]
