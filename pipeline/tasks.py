@@ -38,6 +38,7 @@ from pipeline.errors import (
     AlmaStoppedError,
     BarcodeNotInAlmaError,
     DigifeedsError,
+    StorageError,
     VolumeChangedError,
     VolumeError,
     ZephirError,
@@ -626,6 +627,7 @@ class Delivered(MarkerTask):
         if markers.known(self.barcode, Status.PENDING_DELETION):
             # An earlier run delivered and kept the processed copy, then stopped short
             # of deleting the input copy: check the copy again before deleting.
+            self.check_input_was_delivered(source)
             logger.info("%s: finishing the move of a zip delivered earlier", self.barcode)
             storage.copy_checked(source, destination)
         else:
@@ -638,6 +640,24 @@ class Delivered(MarkerTask):
         storage.delete(source)
         self._input_deleted = True
         logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
+
+    def check_input_was_delivered(self, source: str) -> None:
+        """Refuse to move a zip put in the input prefix after this item's delivery began.
+
+        That zip was never delivered; moving it would replace the processed copy of
+        the one that was, and deleting it would lose it.
+        """
+        stored = context.storage().head(source)
+        started = context.markers().read(self.barcode, Status.COPYING_START)
+        if stored is None or started is None or stored["LastModified"] <= started.timestamp:
+            return
+        raise StorageError(
+            f"{context.storage().url(source)} was written at "
+            f"{stored['LastModified'].isoformat()}, after this item's delivery began at "
+            f"{started.timestamp.isoformat()}: it is not the zip delivered, so it is "
+            "neither delivered nor moved; a person must look",
+            barcode=self.barcode,
+        )
 
     def deliver(self, source: str, destination: str) -> StoredObject | None:
         """Copy the zip to the pickup, unless an earlier run finished the copy.

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import shutil
 import signal
+import time
 import zipfile
 from pathlib import Path
 
@@ -106,6 +107,33 @@ def test_a_kill_during_the_move_is_finished_by_the_next_run_without_a_second_del
     again = delivered.stat()
     assert (again.st_ino, again.st_mtime_ns) == (first_copy.st_ino, first_copy.st_mtime_ns)
     assert sorted(p.name for p in clean.pickup.iterdir()) == [f"{barcode}.zip"]
+
+
+def test_a_zip_put_back_in_the_input_prefix_after_delivery_is_neither_sent_nor_moved(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    assert digifeeds("run").returncode == 0
+    client = s3_client(clean)
+    kept = client.get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")["Body"].read()
+    delivered = (clean.pickup / f"{barcode}.zip").stat()
+    time.sleep(1.1)  # S3 keeps whole seconds
+    client.put_object(Bucket=BUCKET, Key=f"input/{barcode}.zip", Body=b"another zip")
+
+    # luigid holds a DONE task for ten seconds; the local scheduler does not.
+    result = digifeeds("run", "--local-scheduler")
+
+    assert result.returncode == 1
+    message = (failure(barcode) or {})["message"]
+    assert barcode in result.stderr and "not the zip delivered" in message
+    # Nothing replaced, lost or sent again.
+    assert client.get_object(Bucket=BUCKET, Key=f"input/{barcode}.zip")["Body"].read() == (
+        b"another zip"
+    )
+    assert client.get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")["Body"].read() == kept
+    again = (clean.pickup / f"{barcode}.zip").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (delivered.st_ino, delivered.st_mtime_ns)
 
 
 def test_real_volumes_deliver_the_valid_four_and_reject_the_bad_checksums(
