@@ -115,7 +115,8 @@ def command_status(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     report = Report.read(context.markers())
-    data = report.to_json(waiting_days=args.waiting_days)
+    zips, _ = runner.zips_in_input_prefix()
+    data = report.to_json(waiting_days=args.waiting_days, zips=zips)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -135,6 +136,12 @@ def command_report(args: argparse.Namespace) -> int:
         print(f"\nWaiting on {on} for more than {args.waiting_days:g} days ({len(waits)}):")
         for barcode, days in waits.items():
             print(f"  {barcode}  {days:.1f} days")
+    print(
+        f"\nOn their way, but their zip is not in the input prefix, so no run finds them "
+        f"({len(data['without_zip'])}):"
+    )
+    for barcode in data["without_zip"]:
+        print(f"  {barcode}")
     return 0
 
 

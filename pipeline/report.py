@@ -138,13 +138,27 @@ class Report:
                 found[item.barcode] = age
         return found
 
+    def without_zip(self, zips: Iterable[str]) -> list[str]:
+        """Items on their way that no run will find: their zip is not among ``zips``.
+
+        Every item from ``zipped`` until ``pending_deletion`` has its zip in the S3
+        input prefix, where the workflow host finds it; one without has had its zip
+        removed by someone, and waits for a person.
+        """
+        present = set(zips)
+        return sorted(
+            barcode
+            for barcode, item in self.items.items()
+            if item.current not in (None, Status.PENDING_DELETION) and barcode not in present
+        )
+
     def _chosen(self, barcodes: Iterable[str] | None) -> list[Item]:
         if barcodes is None:
             return list(self.items.values())
         return [self.items.get(b) or Item(b) for b in barcodes]
 
-    def to_json(self, *, waiting_days: float) -> dict[str, Any]:
-        """The report as ``digifeeds report --json`` prints it."""
+    def to_json(self, *, waiting_days: float, zips: Iterable[str]) -> dict[str, Any]:
+        """The report as ``digifeeds report --json`` prints it; ``zips``: the input prefix's."""
         longer = dt.timedelta(days=waiting_days)
         return {
             "taken_at": self.taken_at.isoformat(),
@@ -159,4 +173,5 @@ class Report:
                 for on in ("zephir", "hold")
                 for ages in [self.waiting(on, longer_than=longer)]
             },
+            "without_zip": self.without_zip(zips),
         }

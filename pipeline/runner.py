@@ -135,17 +135,29 @@ def discover(role: str) -> Discovery:
                 folders.add(entry.name)
     in_s3: set[str] = set()
     if role in ("workflow", "all"):
-        prefix = config.s3().input_prefix
-        for item in context.storage().list(prefix):
-            name = item["Key"][len(prefix) :]
-            barcode = name.removesuffix(".zip")
-            if name.endswith(".zip") and is_valid(barcode):
-                in_s3.add(barcode)
-            else:
-                rejected[item["Key"]] = "not a <barcode>.zip in the input prefix"
+        in_s3, refused = zips_in_input_prefix()
+        rejected.update(refused)
     for name, reason in rejected.items():
         logger.error("%s: refused: %s", name, reason)
     return Discovery(sorted(folders | in_s3), rejected, folders, in_s3)
+
+
+def zips_in_input_prefix() -> tuple[set[str], dict[str, str]]:
+    """The barcodes of the zips in the S3 input prefix, and the keys that are not zips.
+
+    One listing request per thousand objects.
+    """
+    barcodes: set[str] = set()
+    refused: dict[str, str] = {}
+    prefix = config.s3().input_prefix
+    for item in context.storage().list(prefix):
+        name = item["Key"][len(prefix) :]
+        barcode = name.removesuffix(".zip")
+        if name.endswith(".zip") and is_valid(barcode):
+            barcodes.add(barcode)
+        else:
+            refused[item["Key"]] = "not a <barcode>.zip in the input prefix"
+    return barcodes, refused
 
 
 def warn_of_unmarked_zips(found: Discovery, listing: Listing) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import requests
-from helpers import REPO, count_requests, digifeeds, new_barcodes
+from helpers import REPO, count_requests, digifeeds, new_barcodes, s3_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.metrics import RunFigures, build_registry
@@ -121,6 +121,24 @@ def test_a_mixed_run_is_reported_and_pushed_truthfully(
     # A failed run leaves the last success where the good run put it.
     assert metrics[("digifeeds_last_success_timestamp_seconds", ())] == success_before
     assert metrics[("digifeeds_last_run_timestamp_seconds", ())] > success_before
+
+
+def test_the_report_names_items_on_their_way_whose_zip_was_removed_by_hand(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    delivered, waiting, removed = new_barcodes(3)
+    for barcode in (delivered, waiting, removed):
+        make_volume(clean.input, barcode)
+    zephir.mark_absent(waiting)
+    zephir.mark_absent(removed)
+    assert digifeeds("run").returncode == 0
+    s3_client(clean).delete_object(Bucket=BUCKET, Key=f"input/{removed}.zip")
+
+    report = json.loads(digifeeds("report", "--json").stdout)
+    text = digifeeds("report").stdout
+
+    assert report["without_zip"] == [removed]
+    assert f"no run finds them (1):\n  {removed}" in text
 
 
 def test_the_report_reads_the_markers_with_a_bounded_number_of_requests(
