@@ -566,12 +566,20 @@ def hold_over(in_zephir_at: dt.datetime, hold_days: float, now: dt.datetime) -> 
 
 
 class HoldOver(luigi.ExternalTask):
-    """The end of the hold: the item has been in Zephir for the hold period."""
+    """The end of the hold: the item has been in Zephir for the hold period.
+
+    The hold is part of the task's identity: luigid remembers a task it saw done for
+    a few seconds and takes no other word on it meanwhile, so a run with a longer
+    hold right after one with none must not meet the same task.
+    """
 
     barcode = BarcodeParameter(description="The item's barcode (14 digits).")
+    hold_days = luigi.FloatParameter(
+        description="Days in Zephir before delivery ([digifeeds] hold_days)."
+    )
 
     def complete(self) -> bool:
-        hold_days = config.digifeeds().hold_days
+        hold_days = self.hold_days
         if hold_days <= 0:
             # No hold: over as soon as InZephir, which ReadyForPickup also requires, is done.
             return True
@@ -590,7 +598,8 @@ class ReadyForPickup(MarkerTask):
     status = Status.READY_FOR_PICKUP
 
     def requires(self) -> list[luigi.Task]:
-        return [InZephir(barcode=self.barcode), HoldOver(barcode=self.barcode)]
+        hold = HoldOver(barcode=self.barcode, hold_days=config.digifeeds().hold_days)
+        return [InZephir(barcode=self.barcode), hold]
 
     def run(self) -> None:
         self.record(hold_days=config.digifeeds().hold_days)

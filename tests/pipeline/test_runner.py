@@ -246,6 +246,24 @@ def test_a_barcode_inside_its_hold_waits_and_is_delivered_once_the_hold_is_over(
     assert history(barcode) == DELIVERED
 
 
+def test_a_longer_hold_right_after_a_run_without_one_waits_and_does_not_fail(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    zephir.mark_absent(barcode)
+    # With no hold, luigid sees the item's hold as over, and remembers that for a while.
+    assert digifeeds("run", "--hold-days", "0").returncode == 0
+    zephir.mark_present(barcode)
+
+    held = digifeeds("run", "--hold-days", "14")
+
+    assert held.returncode == 0, held.stderr
+    assert "waiting: 1 on hold" in held.stdout
+    assert history(barcode) == ["zipped", "added_to_digifeeds_set", "in_zephir"]
+    assert failure(barcode) is None
+
+
 def test_the_luigi_command_delivers_one_barcode_through_the_central_scheduler(
     clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
 ) -> None:
