@@ -102,12 +102,15 @@ class Report:
     def counts(self, barcodes: Iterable[str] | None = None) -> dict[str, int]:
         """Count items (of ``barcodes`` only, if given) by current status.
 
-        Failed items count under 'failed'.
+        Failed items count under 'failed', but for those Alma does not know, which
+        count under 'not_found_in_alma' as they are listed.
         """
         counts = {status.value: 0 for status in CHAIN}
         counts["failed"] = 0
         for item in self._chosen(barcodes):
-            if item.failure is not None:
+            if item.current is Status.NOT_FOUND_IN_ALMA:
+                counts[Status.NOT_FOUND_IN_ALMA.value] += 1
+            elif item.failure is not None:
                 counts["failed"] += 1
             elif item.current is not None:
                 counts[item.current.value] += 1
