@@ -122,7 +122,11 @@ def main() -> int:
     demo.set_defaults(handler=command_demo)
     args = top.parse_args()
     sandbox = Sandbox(args.root)
-    return int(args.handler(sandbox, args))
+    try:
+        return int(args.handler(sandbox, args))
+    except RuntimeError as exc:  # what Sandbox.start raises, already in words
+        print(f"python -m sandbox {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ class Sandbox:
             raise RuntimeError(
                 "ports in use by something else (another sandbox?): "
                 + ", ".join(taken)
-                + "; stop it, or start this sandbox on other ports"
+                + "; stop that first (another sandbox: python -m sandbox --root ROOT stop)"
             )
         for name, command in commands.items():
             if self._pid(name) is not None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
 
 from sandbox.services import BUCKET, HOST, Ports, Sandbox
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_sandbox_does_not_start_on_a_port_another_listener_holds(tmp_path: Path) -> None:
@@ -23,6 +28,26 @@ def test_a_sandbox_does_not_start_on_a_port_another_listener_holds(tmp_path: Pat
             box.start()
 
     assert box.running() == {}
+
+
+def test_the_sandbox_command_names_the_ports_in_use_without_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as other:
+        # Hold the default luigid port, unless something (a sandbox) holds it already.
+        with contextlib.suppress(OSError):
+            other.bind((HOST, Ports().luigid))
+            other.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "sandbox", "--root", str(tmp_path), "start"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert result.returncode == 1
+    assert "ports in use by something else (another sandbox?): " in result.stderr
+    assert f"luigid ({HOST}:{Ports().luigid})" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_the_sandbox_counts_every_s3_request_whatever_its_answer(clean: Sandbox) -> None:
