@@ -7,6 +7,7 @@ built.
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 from pathlib import Path
@@ -213,19 +214,37 @@ def read_secret(what: str, env_name: str, file_name: str, *, required: bool = Tr
 ConfigT = TypeVar("ConfigT", bound=luigi.Config)
 
 
+def _source(section: str, key: str | None = None) -> str:
+    """The configuration file that sets ``key`` of ``section`` (or the section), as read last.
+
+    Luigi reads its files in order, each overriding the ones before.
+    """
+    parser = luigi.configuration.get_config()
+    for path in reversed(getattr(parser, "_config_paths", [])):
+        single = configparser.ConfigParser(interpolation=None)
+        try:
+            single.read(path)
+        except configparser.Error:
+            continue
+        if single.has_section(section) and (key is None or single.has_option(section, key)):
+            return str(path)
+    return "the configuration"
+
+
 def _read(section: type[ConfigT]) -> ConfigT:
-    """Build one section, naming the key and the value Luigi could not parse."""
+    """Build one section, naming the file, the key and the value Luigi could not parse."""
+    name = section.__name__
     try:
         return section()
     except (ValueError, luigi.parameter.ParameterException) as exc:
         found = re.search(r"value of '(\w+)'", str(exc))
         if found:
             key = found.group(1)
-            raw = luigi.configuration.get_config().get(section.__name__, key, "")
+            raw = luigi.configuration.get_config().get(name, key, "")
             raise ConfigurationError(
-                f"luigi.cfg: [{section.__name__}] {key} = {raw!r} is not a valid value"
+                f"{_source(name, key)}: [{name}] {key} = {raw!r} is not a valid value"
             ) from exc
-        raise ConfigurationError(f"luigi.cfg: [{section.__name__}] {exc}") from exc
+        raise ConfigurationError(f"{_source(name)}: [{name}] {exc}") from exc
 
 
 def check() -> None:

@@ -416,14 +416,17 @@ def test_a_zephir_outage_is_a_failure_not_a_wait(
         ({"digifeeds": {"batch_size": "0"}}, "batch_size must be at least 1"),
         ({"digifeeds": {"workers": "-3"}}, "workers must be at least 1"),
         ({"digifeeds": {"hold_days": "-1"}}, "hold_days must not be negative"),
-        ({"digifeeds": {"hold_days": "abc"}}, "[digifeeds] hold_days = 'abc' is not a valid value"),
+        (
+            {"digifeeds": {"hold_days": "abc"}},
+            "{config}: [digifeeds] hold_days = 'abc' is not a valid value",
+        ),
         (
             {"digifeeds": {"host_role": "bogus"}},
-            "[digifeeds] host_role = 'bogus' is not a valid value",
+            "{config}: [digifeeds] host_role = 'bogus' is not a valid value",
         ),
         (
             {"digifeeds": {"compression": "lzma"}},
-            "[digifeeds] compression = 'lzma' is not a valid value",
+            "{config}: [digifeeds] compression = 'lzma' is not a valid value",
         ),
         ({"pickup": {"known_hosts": "/nonexistent/known_hosts"}}, "known_hosts"),
         ({"digifeeds": {"lock_file": "/"}}, "lock file"),
@@ -440,7 +443,8 @@ def test_a_bad_setting_stops_the_run_with_exit_2_and_a_clear_message(
 
     assert result.returncode == 2, result.stderr
     assert "configuration error" in result.stderr
-    assert words in result.stderr
+    # A value Luigi cannot read is named with the file that sets it.
+    assert words.format(config=tmp_path / "bad.cfg") in result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(clean.input) == before
 
