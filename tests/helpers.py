@@ -19,6 +19,16 @@ FIXTURES = Path(
     os.environ.get("DIGIFEEDS_FIXTURES", REPO.parent / "shared" / "fixtures" / "volumes")
 )
 
+
+def fixtures() -> Path:
+    """The folder of real sample volumes; the test is skipped, saying so, where it is not."""
+    if not FIXTURES.is_dir():
+        import pytest
+
+        pytest.skip(f"fixture volumes {FIXTURES} are not available (set DIGIFEEDS_FIXTURES)")
+    return FIXTURES
+
+
 # Every status of an item that went all the way, in order.
 DELIVERED = [
     "zipped",

@@ -14,10 +14,10 @@ import pytest
 import requests
 from helpers import (
     DELIVERED,
-    FIXTURES,
     config_with,
     digifeeds,
     failure,
+    fixtures,
     history,
     luigi_command,
     new_barcodes,
@@ -139,7 +139,7 @@ def test_a_zip_put_back_in_the_input_prefix_after_delivery_is_neither_sent_nor_m
 def test_real_volumes_deliver_the_valid_four_and_reject_the_bad_checksums(
     clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
 ) -> None:
-    for volume in FIXTURES.iterdir():
+    for volume in fixtures().iterdir():
         shutil.copytree(volume, clean.input / volume.name)
     bad = clean.input / "39015004074095"
     before = snapshot(bad)

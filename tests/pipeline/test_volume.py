@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES
+from helpers import fixtures
 
 from pipeline.errors import VolumeChangedError, VolumeError, ZipError
 from pipeline.volume import (
@@ -38,9 +38,7 @@ MISMATCH_FIXTURE = "39015004074095"
 
 
 def copy_fixture(tmp_path: Path, barcode: str) -> Path:
-    source = FIXTURES / barcode
-    if not source.is_dir():
-        pytest.skip(f"fixture volume {source} is not available")
+    source = fixtures() / barcode
     folder = tmp_path / "input" / barcode
     shutil.copytree(source, folder)
     for path in [folder, *folder.iterdir()]:
@@ -600,9 +598,7 @@ def test_fixture_with_wrong_checksums_names_both_images(tmp_path: Path) -> None:
 
 
 def test_fixture_originals_are_read_only_inputs() -> None:
-    source = FIXTURES
-    if not source.is_dir():
-        pytest.skip(f"fixture volumes {source} are not available")
+    source = fixtures()
     assert sorted(p.name for p in source.iterdir()) == sorted([*VALID_FIXTURES, MISMATCH_FIXTURE])
 
 
