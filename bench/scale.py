@@ -16,6 +16,7 @@ import argparse
 import collections
 import concurrent.futures
 import configparser
+import hashlib
 import io
 import json
 import os
@@ -51,11 +52,13 @@ def seed(box: Sandbox, barcodes: list[str]) -> None:
     """Put each barcode's zip and zipped marker in S3, as the zipping host would."""
     client = box.s3_client()
     body = tiny_zip()
+    md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 
     def put(barcode: str) -> None:
         client.put_object(Bucket=BUCKET, Key=f"input/{barcode}.zip", Body=body)
-        marker = {"barcode": barcode, "status": "zipped", "timestamp": stamp}
+        details = {"zip_size": len(body), "zip_md5": md5}
+        marker = {"barcode": barcode, "status": "zipped", "timestamp": stamp, "details": details}
         client.put_object(
             Bucket=BUCKET, Key=f"state/zipped/{barcode}.json", Body=json.dumps(marker).encode()
         )

@@ -54,6 +54,12 @@ class StorageError(DigifeedsError):
     kind = "s3"
 
 
+class ObjectChangedError(StorageError):
+    """An object is not the one meant: it was replaced, or changed, since."""
+
+    kind = "zip_changed"
+
+
 class AlmaError(DigifeedsError):
     """Alma answered with an error, or did not answer."""
 

@@ -159,8 +159,12 @@ class PickupClient:
         *,
         progress: Progress | None = None,
         existing_ok: bool = True,
+        check: Callable[[], None] | None = None,
     ) -> None:
         """Deliver ``size`` bytes read from ``source`` as ``<barcode>.zip``.
+
+        ``check``, when given, is called once every byte is uploaded and before the
+        file gets its final name: an error it raises leaves nothing on the pickup.
 
         With ``existing_ok`` (for resuming a delivery of one's own), a
         ``<barcode>.zip`` already there with exactly ``size`` bytes counts as
@@ -210,6 +214,10 @@ class PickupClient:
                 raise PickupError(
                     f"{self.address} holds {held} of {size} bytes of {temp}", barcode=barcode
                 )
+
+            if check is not None:
+                step = f"checking what was read for {temp}"
+                check()
 
             step = f"renaming {temp} to {final}"
             if self._already_there(sftp, final, size, barcode, existing_ok):

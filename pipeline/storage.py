@@ -18,13 +18,15 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.errors import StorageError
+from pipeline.errors import ObjectChangedError, StorageError
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# A condition on the object (If-Match, CopySourceIfMatch) did not hold.
+_CHANGED = {"412", "PreconditionFailed"}
 
 
 def _error_code(exc: ClientError) -> str:
@@ -126,7 +128,7 @@ class Storage:
                 **extra,
             )
         except ClientError as exc:
-            if only_if_absent and _error_code(exc) in {"PreconditionFailed", "412"}:
+            if only_if_absent and _error_code(exc) in _CHANGED:
                 return False
             raise StorageError(f"cannot write {self.url(key)}: {exc}") from exc
         except BotoCoreError as exc:
@@ -229,24 +231,23 @@ class Storage:
         raise StorageError(f"cannot read {' or '.join(map(self.url, keys))}: no such object")
 
     def copy_checked(
-        self, source: str, destination: str, *, read: StoredObject | None = None
+        self, source: str, destination: str, *, etag: str, size: int | None = None
     ) -> None:
-        """Copy an object to ``destination`` and confirm the copy; safe to repeat.
+        """Copy the object at ``source``, if it is the object ``etag`` names; confirm the copy.
 
-        Given the source as it was ``read`` (by :meth:`open`), an object under the
-        multipart threshold is copied only if it is still that object, and a copy
-        whose ETag is the source's needs no other check: one request in all.
-        Otherwise the source is looked at first: a destination that already holds an
-        object of its ETag is kept; else the object is copied, and the copy is
-        compared with the source by HEAD. A source that is gone while the
-        destination is there was copied (and deleted) before.
+        Safe to repeat. A source that is another object now (another ETag) is refused
+        with :class:`ObjectChangedError`, and nothing is copied. Given its ``size``,
+        an object under the multipart threshold is copied in one request, which is all
+        when the copy's ETag is the source's. Otherwise the source is looked at first;
+        a destination that already holds an object of that ETag is kept; else the
+        object is copied, only if it is still that object, and the copy's size is
+        confirmed by HEAD. A source that is gone while the destination is there was
+        copied (and deleted) before.
         """
-        quick = read is not None and read.key == source
-        quick = quick and read is not None and read.size < self.transfer.multipart_threshold
-        if quick and read is not None:
-            copied = self._copy_if_unchanged(read, destination)
-            if copied == read.etag:
-                return
+        small = size is not None and size < self.transfer.multipart_threshold
+        if small and self._copy_if_match(source, etag, destination) == etag:
+            return
+        # Large, or the source is gone, or the copy's ETag differs (as under KMS).
         stored = self.head(source)
         if stored is None:
             if self.exists(destination):
@@ -255,33 +256,36 @@ class Storage:
             raise StorageError(
                 f"cannot copy {self.url(source)}: neither it nor {destination} exists"
             )
-        if quick and read is not None:
-            # The copy's ETag differs under KMS encryption, or where the store ignored
-            # CopySourceIfMatch because the source changed after it was read.
-            if stored["ETag"] != read.etag:
-                raise StorageError(f"{self.url(source)} changed after it was read; not moving it")
-        else:
-            earlier = self.head(destination)
-            if earlier is not None and earlier["ETag"] == stored["ETag"]:
-                return
-            try:
-                self.client.copy(
-                    {"Bucket": self.bucket, "Key": source},
-                    self.bucket,
-                    destination,
-                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                    Config=self.transfer,
-                )
-            except (ClientError, BotoCoreError) as exc:
-                raise StorageError(
-                    f"cannot copy {self.url(source)} to {destination}: {exc}"
+        if stored["ETag"] != etag:
+            raise ObjectChangedError(
+                f"{self.url(source)} is not the object expected: its ETag is "
+                f"{stored['ETag']}, not {etag}; not copying it"
+            )
+        earlier = self.head(destination)
+        if earlier is not None and earlier["ETag"] == etag:
+            return
+        try:
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": source},
+                self.bucket,
+                destination,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256", "CopySourceIfMatch": etag},
+                Config=self.transfer,
+            )
+        except ClientError as exc:
+            if _error_code(exc) in _CHANGED:
+                raise ObjectChangedError(
+                    f"{self.url(source)} changed while it was copied; not copying it"
                 ) from exc
+            raise StorageError(f"cannot copy {self.url(source)} to {destination}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot copy {self.url(source)} to {destination}: {exc}") from exc
         copied_head = self.head(destination)
         if copied_head is None or copied_head["ContentLength"] != stored["ContentLength"]:
             raise StorageError(f"copy of {self.url(source)} to {destination} is incomplete")
 
-    def _copy_if_unchanged(self, read: StoredObject, destination: str) -> str | None:
-        """Copy the object ``read`` unless it changed since; return the copy's ETag.
+    def _copy_if_match(self, source: str, etag: str, destination: str) -> str | None:
+        """Copy ``source`` in one request if its ETag is ``etag``; return the copy's ETag.
 
         None when the source is gone.
         """
@@ -289,21 +293,21 @@ class Storage:
             answer = self.client.copy_object(
                 Bucket=self.bucket,
                 Key=destination,
-                CopySource={"Bucket": self.bucket, "Key": read.key},
-                CopySourceIfMatch=read.etag,
+                CopySource={"Bucket": self.bucket, "Key": source},
+                CopySourceIfMatch=etag,
                 ChecksumAlgorithm="SHA256",
             )
         except ClientError as exc:
             code = _error_code(exc)
             if code in _MISSING:
                 return None
-            if code in {"PreconditionFailed", "412"}:
-                raise StorageError(
-                    f"{self.url(read.key)} changed after it was read; not moving it"
+            if code in _CHANGED:
+                raise ObjectChangedError(
+                    f"{self.url(source)} is not the object expected (ETag {etag}); not copying it"
                 ) from exc
-            raise StorageError(f"cannot copy {self.url(read.key)} to {destination}: {exc}") from exc
+            raise StorageError(f"cannot copy {self.url(source)} to {destination}: {exc}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"cannot copy {self.url(read.key)} to {destination}: {exc}") from exc
+            raise StorageError(f"cannot copy {self.url(source)} to {destination}: {exc}") from exc
         return str(answer.get("CopyObjectResult", {}).get("ETag", ""))
 
 

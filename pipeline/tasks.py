@@ -38,10 +38,12 @@ from pipeline.errors import (
     AlmaStoppedError,
     BarcodeNotInAlmaError,
     DigifeedsError,
+    ObjectChangedError,
     StorageError,
     VolumeChangedError,
     VolumeError,
     ZephirError,
+    ZipError,
 )
 from pipeline.status import Status
 from pipeline.storage import StoredObject
@@ -544,6 +546,9 @@ class ZephirRecord(luigi.ExternalTask):
             raise
         if not found:
             logger.info("%s: not in Zephir yet; waiting", self.barcode)
+            # Zephir answered: a failure to ask it is over, and the item waits on it.
+            # (Where Zephir has the record, InZephir's success clears it.)
+            context.markers().clear_failure(self.barcode, [self.task_family])
         self._found = found
         return found
 
@@ -608,10 +613,14 @@ class ReadyForPickup(MarkerTask):
 class Delivered(MarkerTask):
     """Copy the zip to the SFTP pickup, then move it to the processed prefix in S3.
 
-    The move is a checked copy to the processed prefix, the ``pending_deletion``
+    What goes to the pickup is checked against the zip that was made (its size and
+    MD5, kept in the ``zipped`` marker) before it gets its final name there, and the
+    ``copying_end`` marker keeps the ETag of the object delivered. The move is a copy
+    of exactly that object to the processed prefix, checked, the ``pending_deletion``
     marker, then the deletion of the input copy; the task is done once both are
     behind it. Until then the zip stays in the input prefix, where the next run
-    finds it, so a crash at any point is finished by the next run.
+    finds it, so a crash at any point is finished by the next run, and a zip that
+    is not the one delivered is never moved or deleted.
     """
 
     status = Status.PENDING_DELETION
@@ -636,42 +645,49 @@ class Delivered(MarkerTask):
         if markers.known(self.barcode, Status.PENDING_DELETION):
             # An earlier run delivered and kept the processed copy, then stopped short
             # of deleting the input copy: check the copy again before deleting.
-            self.check_input_was_delivered(source)
             logger.info("%s: finishing the move of a zip delivered earlier", self.barcode)
-            storage.copy_checked(source, destination)
+            self.keep_processed_copy(source, destination, self.delivered_etag())
         else:
-            read = self.deliver(source, destination)
+            etag, size = self.deliver(source, destination)
             _crash_point("delivered", self.barcode)
             # Keep the processed copy, checked, before the input copy goes.
-            storage.copy_checked(source, destination, read=read)
+            self.keep_processed_copy(source, destination, etag, size)
             self.record()
             _crash_point("moving", self.barcode)
         storage.delete(source)
         self._input_deleted = True
         logger.info("%s: moved the zip to %s", self.barcode, storage.url(destination))
 
-    def check_input_was_delivered(self, source: str) -> None:
-        """Refuse to move a zip put in the input prefix after this item's delivery began.
+    def keep_processed_copy(
+        self, source: str, destination: str, etag: str, size: int | None = None
+    ) -> None:
+        """Copy the zip delivered (the object of ``etag``) to the processed prefix."""
+        try:
+            context.storage().copy_checked(source, destination, etag=etag, size=size)
+        except ObjectChangedError as exc:
+            raise ObjectChangedError(
+                f"{exc.message}: the input prefix holds a zip that is not the one delivered "
+                "to the pickup, so it is neither delivered nor moved; a person must look",
+                barcode=self.barcode,
+            ) from exc
 
-        That zip was never delivered; moving it would replace the processed copy of
-        the one that was, and deleting it would lose it.
-        """
-        stored = context.storage().head(source)
-        started = context.markers().read(self.barcode, Status.COPYING_START)
-        if stored is None or started is None or stored["LastModified"] <= started.timestamp:
-            return
-        raise StorageError(
-            f"{context.storage().url(source)} was written at "
-            f"{stored['LastModified'].isoformat()}, after this item's delivery began at "
-            f"{started.timestamp.isoformat()}: it is not the zip delivered, so it is "
-            "neither delivered nor moved; a person must look",
-            barcode=self.barcode,
-        )
+    def delivered_etag(self) -> str:
+        """The ETag of the object delivered, as the ``copying_end`` marker keeps it."""
+        ended = context.markers().read(self.barcode, Status.COPYING_END)
+        etag = ended.details.get("etag") if ended else None
+        if not etag:
+            raise StorageError(
+                "the copying_end marker, which names the zip delivered to the pickup, is "
+                "missing or does not name it, so the zip in the input prefix is neither "
+                "delivered again nor moved; a person must look",
+                barcode=self.barcode,
+            )
+        return str(etag)
 
-    def deliver(self, source: str, destination: str) -> StoredObject | None:
+    def deliver(self, source: str, destination: str) -> tuple[str, int | None]:
         """Copy the zip to the pickup, unless an earlier run finished the copy.
 
-        Returns the object read from S3, or None when nothing was read.
+        Returns the ETag of the object delivered, and its size when it was read now.
         """
         markers = context.markers()
         attempt = utc_now()
@@ -679,7 +695,7 @@ class Delivered(MarkerTask):
         resumed = started.timestamp < attempt
         # A copy that starts now cannot have ended before.
         if resumed and markers.exists(self.barcode, Status.COPYING_END):
-            return None
+            return self.delivered_etag(), None
         if resumed:
             logger.warning(
                 "%s: resuming a copy to the pickup that started at %s and did not end; "
@@ -688,24 +704,67 @@ class Delivered(MarkerTask):
                 started.timestamp.isoformat(),
             )
         read = self.copy_to_pickup(source, destination, resumed=resumed)
-        self.record(Status.COPYING_END)
-        return read
+        self.record(Status.COPYING_END, key=read.key, etag=read.etag)
+        return read.etag, read.size
 
     def copy_to_pickup(self, source: str, destination: str, *, resumed: bool) -> StoredObject:
         """Stream the zip from S3 to the pickup server; return the object that was read.
 
         The zip is read from the input prefix, or from the processed prefix where
-        someone moved it there by hand. A file already at the final name is
-        taken as this zip only when resuming an attempt of our own; otherwise it is
-        someone else's, and a person must look.
+        someone moved it there by hand. It must be the zip that was made: its size is
+        compared before, and its MD5 after the upload, before the file gets its final
+        name. A file already at the final name is taken as this zip only when
+        resuming an attempt of our own; otherwise it is someone else's, and a person
+        must look.
         """
-        with context.storage().open(source, destination) as stored:
+        storage = context.storage()
+        made = context.markers().read(self.barcode, Status.ZIPPED)
+        size = made.details.get("zip_size") if made else None
+        md5 = made.details.get("zip_md5") if made else None
+        if not isinstance(size, int) or not isinstance(md5, str):
+            raise ZipError(
+                "the zipped marker does not give the size and MD5 of the zip made, so "
+                "what is in S3 cannot be checked; it is not delivered",
+                barcode=self.barcode,
+            )
+        with storage.open(source, destination) as stored:
+            where = storage.url(stored.key)
+            if stored.size != size:
+                raise ObjectChangedError(
+                    f"{where} holds {stored.size} bytes, but the zip made held {size}; "
+                    "it is not delivered, and a person must look",
+                    barcode=self.barcode,
+                )
+            reading = _Digesting(stored.body)
+
+            def check() -> None:
+                if reading.md5.hexdigest() != md5:
+                    raise ObjectChangedError(
+                        f"the MD5 of {where} is {reading.md5.hexdigest()}, but the zip made "
+                        f"had {md5}; it is not delivered, and a person must look",
+                        barcode=self.barcode,
+                    )
+
             context.pickup().deliver(
-                stored.body,
+                reading,
                 stored.size,
                 self.barcode,
-                progress=Progress(self, f"copying {context.storage().url(stored.key)}"),
+                progress=Progress(self, f"copying {where}"),
                 existing_ok=resumed,
+                check=check,
             )
         logger.info("%s: delivered to the pickup", self.barcode)
         return stored
+
+
+class _Digesting:
+    """A stream that keeps the MD5 of what was read from it."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def read(self, size: int, /) -> bytes:
+        data: bytes = self.body.read(size)
+        self.md5.update(data)
+        return data

@@ -118,6 +118,26 @@ def test_zephir_errors_fail_the_barcode_and_are_never_taken_for_not_found(
         assert word in recorded["message"]
 
 
+def test_a_zephir_failure_is_over_once_zephir_answers_and_the_item_waits_on_it(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    zephir.fault(barcode=barcode, count=None, status=503)
+    assert digifeeds("run").returncode == 1
+    assert (failure(barcode) or {}).get("kind") == "zephir"
+    zephir.clear_faults()
+    zephir.mark_absent(barcode)
+
+    result = digifeeds("run", "--local-scheduler")
+
+    assert result.returncode == 0, result.stderr
+    assert "waiting: 1 on zephir" in result.stdout
+    assert failure(barcode) is None
+    report = json.loads(digifeeds("report", "--json", "--waiting-days", "0").stdout)
+    assert list(report["waiting"]["zephir"]) == [barcode]
+
+
 def test_secrets_never_reach_logs_markers_metrics_or_the_luigi_ui(
     clean: Sandbox, alma: AlmaControl, zephir: ZephirControl, tmp_path: Path
 ) -> None:

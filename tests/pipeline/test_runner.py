@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import shutil
 import signal
-import time
 import zipfile
 from pathlib import Path
 
@@ -109,31 +108,77 @@ def test_a_kill_during_the_move_is_finished_by_the_next_run_without_a_second_del
     assert sorted(p.name for p in clean.pickup.iterdir()) == [f"{barcode}.zip"]
 
 
-def test_a_zip_put_back_in_the_input_prefix_after_delivery_is_neither_sent_nor_moved(
-    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+@pytest.mark.parametrize("ended", ["delivered", "moving", "done", "copying_end removed"])
+def test_a_zip_put_in_the_input_prefix_after_delivery_is_neither_sent_nor_moved(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl, ended: str
 ) -> None:
     (barcode,) = new_barcodes(1)
     make_volume(clean.input, barcode)
-    assert digifeeds("run").returncode == 0
+    # The local scheduler: luigid keeps a DONE or killed task for a while.
+    run = ("run", "--local-scheduler", "--workers", "1")
+    crash = {"DIGIFEEDS_CRASH_AT": f"{ended}:{barcode}"} if ended in ("delivered", "moving") else {}
+    digifeeds(*run, env=crash)
     client = s3_client(clean)
-    kept = client.get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")["Body"].read()
+    if ended == "copying_end removed":
+        client.delete_object(Bucket=BUCKET, Key=f"state/copying_end/{barcode}.json")
+    kept = (
+        keys(clean, "processed/")
+        and client.get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")["Body"].read()
+    )
     delivered = (clean.pickup / f"{barcode}.zip").stat()
-    time.sleep(1.1)  # S3 keeps whole seconds
     client.put_object(Bucket=BUCKET, Key=f"input/{barcode}.zip", Body=b"another zip")
 
-    # luigid holds a DONE task for ten seconds; the local scheduler does not.
-    result = digifeeds("run", "--local-scheduler")
+    result = digifeeds(*run)
 
     assert result.returncode == 1
     message = (failure(barcode) or {})["message"]
-    assert barcode in result.stderr and "not the zip delivered" in message
+    assert barcode in result.stderr and "a person must look" in message
+    if ended != "copying_end removed":
+        assert "not the one delivered" in message
     # Nothing replaced, lost or sent again.
     assert client.get_object(Bucket=BUCKET, Key=f"input/{barcode}.zip")["Body"].read() == (
         b"another zip"
     )
-    assert client.get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")["Body"].read() == kept
+    if kept:
+        assert client.get_object(Bucket=BUCKET, Key=f"processed/{barcode}.zip")["Body"].read() == (
+            kept
+        )
+    else:
+        assert keys(clean, "processed/") == set()
     again = (clean.pickup / f"{barcode}.zip").stat()
     assert (again.st_ino, again.st_mtime_ns) == (delivered.st_ino, delivered.st_mtime_ns)
+    assert sorted(p.name for p in clean.pickup.iterdir()) == [f"{barcode}.zip"]
+
+
+@pytest.mark.parametrize("change", ["truncated", "same size, other bytes"])
+def test_a_zip_that_is_not_the_one_made_is_not_delivered_and_the_others_go_on(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl, change: str
+) -> None:
+    changed, other = new_barcodes(2)
+    for barcode in (changed, other):
+        make_volume(clean.input, barcode)
+    zephir.mark_absent(changed, other)
+    assert digifeeds("run").returncode == 0  # both zipped, waiting on Zephir
+    client = s3_client(clean)
+    key = f"input/{changed}.zip"
+    made = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    if change == "truncated":
+        replaced = made[: len(made) // 2]
+    else:
+        replaced = made[:-1] + bytes([made[-1] ^ 0xFF])
+    client.put_object(Bucket=BUCKET, Key=key, Body=replaced)
+    zephir.mark_present(changed, other)
+
+    result = digifeeds("run", "--local-scheduler")
+
+    assert result.returncode == 1
+    message = (failure(changed) or {})["message"]
+    assert changed in result.stderr and "not delivered" in message
+    assert ("bytes" if change == "truncated" else "MD5") in message
+    # Nothing of it on the pickup, not even a temporary file; its zip stays in S3.
+    assert sorted(p.name for p in clean.pickup.iterdir()) == [f"{other}.zip"]
+    assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == replaced
+    assert history(other) == DELIVERED
 
 
 def test_real_volumes_deliver_the_valid_four_and_reject_the_bad_checksums(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import count_requests, new_barcodes
 
-from pipeline.errors import StorageError
+from pipeline.errors import ObjectChangedError, StorageError
 from pipeline.storage import Storage
 from sandbox.services import BUCKET, Sandbox
 
@@ -86,19 +86,19 @@ def test_put_json_only_if_absent_never_replaces(storage: Storage) -> None:
 def test_a_checked_copy_is_safe_to_repeat_and_keeps_an_equal_copy(storage: Storage) -> None:
     (barcode,) = new_barcodes(1)
     source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
-    storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
+    etag = storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")["ETag"]
 
     # A crash after the copy leaves both objects; the copy is checked and kept.
     storage.client.copy_object(
         Bucket=BUCKET, Key=destination, CopySource={"Bucket": BUCKET, "Key": source}
     )
     counts = count_requests(storage)
-    storage.copy_checked(source, destination)
+    storage.copy_checked(source, destination, etag=etag)
     assert counts == {"HeadObject": 2}
 
     # Once the source is deleted, a repeat finds the copy made before.
     storage.delete(source)
-    storage.copy_checked(source, destination)
+    storage.copy_checked(source, destination, etag=etag)
     with storage.open(destination) as stored:
         assert stored.body.read() == b"zip bytes"
 
@@ -106,10 +106,10 @@ def test_a_checked_copy_is_safe_to_repeat_and_keeps_an_equal_copy(storage: Stora
 def test_a_checked_copy_replaces_a_destination_that_differs(storage: Storage) -> None:
     (barcode,) = new_barcodes(1)
     source, destination = f"input/{barcode}.zip", f"processed/{barcode}.zip"
-    storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")
+    etag = storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"zip bytes")["ETag"]
     storage.client.put_object(Bucket=BUCKET, Key=destination, Body=b"half")
 
-    storage.copy_checked(source, destination)
+    storage.copy_checked(source, destination, etag=etag)
 
     with storage.open(destination) as stored:
         assert stored.body.read() == b"zip bytes"
@@ -124,7 +124,7 @@ def test_a_checked_copy_of_the_object_read_costs_one_request(storage: Storage) -
         assert (read.key, read.body.read(), read.size) == (source, b"zip bytes", 9)
 
     counts = count_requests(storage)
-    storage.copy_checked(source, destination, read=read)
+    storage.copy_checked(source, destination, etag=read.etag, size=read.size)
 
     assert counts == {"CopyObject": 1}
     with storage.open(destination) as copied:
@@ -141,10 +141,15 @@ def test_a_checked_copy_refuses_an_object_that_changed_after_it_was_read(
         pass
     storage.client.put_object(Bucket=BUCKET, Key=source, Body=b"other bytes")
 
-    # S3 refuses the copy (CopySourceIfMatch); moto copies anyway, and the ETag
-    # comparison that follows catches it. Either way the source stays.
-    with pytest.raises(StorageError, match=rf"input/{barcode}\.zip changed after it was read"):
-        storage.copy_checked(source, destination, read=read)
+    # Asked without the size (as when resuming), the source is looked at before
+    # anything is copied.
+    with pytest.raises(ObjectChangedError, match=rf"input/{barcode}\.zip is not the object"):
+        storage.copy_checked(source, destination, etag=read.etag)
+    assert not storage.exists(destination)
+    # With it, S3 refuses the copy (CopySourceIfMatch); moto copies anyway, and the
+    # ETag comparison that follows catches it. Either way the source stays.
+    with pytest.raises(ObjectChangedError, match=rf"input/{barcode}\.zip is not the object"):
+        storage.copy_checked(source, destination, etag=read.etag, size=read.size)
     with storage.open(source) as stored:
         assert stored.body.read() == b"other bytes"
 
@@ -158,7 +163,7 @@ def test_open_of_no_object_names_every_key(storage: Storage) -> None:
 
 def test_a_checked_copy_of_nothing_is_an_error_naming_the_key(storage: Storage) -> None:
     with pytest.raises(StorageError, match=r"input/nothing\.zip"):
-        storage.copy_checked("input/nothing.zip", "processed/nothing.zip")
+        storage.copy_checked("input/nothing.zip", "processed/nothing.zip", etag='"0"')
 
 
 def test_errors_carry_the_key_and_wrap_botocore(clean: Sandbox) -> None:
