@@ -26,6 +26,7 @@ class RunFigures:
     failures_by_kind: Mapping[str, int]
     waiting: Mapping[str, int]
     oldest_waiting_seconds: Mapping[str, float]
+    unfinished: int = 0
     alma_remaining: int | None = None
 
 
@@ -62,6 +63,11 @@ def build_registry(figures: RunFigures) -> CollectorRegistry:
     )
     for on, count in figures.waiting.items():
         waiting.labels(on).set(count)
+    Gauge(
+        "digifeeds_unfinished",
+        "Barcodes this run left neither done, waiting nor failed (held by another worker).",
+        registry=registry,
+    ).set(figures.unfinished)
     oldest = Gauge(
         "digifeeds_oldest_waiting_seconds",
         "Age of the longest wait, by what is waited on.",

@@ -38,7 +38,7 @@ from pipeline.errors import (
     SchedulerError,
     StorageError,
 )
-from pipeline.report import Report
+from pipeline.report import Item, Report
 from pipeline.status import Status
 from pipeline.tasks import Delivered, ZipVolume, volume_folder
 from targets.markers import Journal, Listing
@@ -227,6 +227,22 @@ class RunResult:
         failed.update({name: "refused" for name in self.rejected})
         return failed
 
+    @property
+    def unfinished(self) -> list[str]:
+        """This run's barcodes left neither done, waiting nor failed by it.
+
+        Their tasks were another worker's (another host's, or a killed run's that
+        luigid has not let go of yet), or an earlier failure stands untried.
+        """
+        failed = self.failures
+        return [
+            barcode
+            for barcode in self.barcodes
+            if barcode not in failed
+            and (item := self.report.items.get(barcode) or Item(barcode)).waiting_on is None
+            and item.current is not Status.PENDING_DELETION
+        ]
+
     def waiting(self) -> dict[str, dict[str, dt.timedelta]]:
         return {
             on: self.report.waiting(on, barcodes=self.barcodes)
@@ -253,6 +269,8 @@ class RunResult:
             "failed: " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"),
             f"in {self.finished - self.started:.1f}s",
         ]
+        if self.unfinished:
+            parts.insert(-1, f"{len(self.unfinished)} unfinished")
         if self.held_batches:
             parts.insert(-1, f"{self.held_batches} batches held by other workers")
         if self.lost_batches:
@@ -277,6 +295,7 @@ class RunResult:
             zipped=len(self.zipped),
             failures_by_kind=collections.Counter(self.failures.values()),
             waiting={on: len(ages) for on, ages in waiting.items()},
+            unfinished=len(self.unfinished),
             oldest_waiting_seconds=oldest,
             alma_remaining=self.alma_remaining,
         )
@@ -633,7 +652,7 @@ def run(*, local_scheduler: bool = False) -> RunResult:
         except StorageError as exc:
             logger.error("cannot read the markers for the summary: %s", exc)
             report, unread = Report({}, dt.datetime.now(dt.UTC)), str(exc)
-        return RunResult(
+        result = RunResult(
             role=role,
             barcodes=found.barcodes,
             rejected=found.rejected,
@@ -646,6 +665,19 @@ def run(*, local_scheduler: bool = False) -> RunResult:
             lost_batches=sum(1 for o in outcomes if o.builder_died),
             markers_unread=unread,
         )
+        if result.unfinished and not unread:
+            shown = ", ".join(result.unfinished[:10])
+            more = len(result.unfinished) - 10
+            logger.warning(
+                "%d barcodes were left neither done, waiting nor failed: luigid counts "
+                "their tasks as another worker's (another host's, or a killed run's, "
+                "which it lets go after a few minutes), or an earlier failure of theirs "
+                "was not tried again; the next run takes them up: %s%s",
+                len(result.unfinished),
+                shown,
+                f" and {more} more" if more > 0 else "",
+            )
+        return result
     finally:
         handle.close()
         shutil.rmtree(run_folder, ignore_errors=True)

@@ -108,6 +108,24 @@ def test_a_kill_during_the_move_is_finished_by_the_next_run_without_a_second_del
     assert sorted(p.name for p in clean.pickup.iterdir()) == [f"{barcode}.zip"]
 
 
+def test_a_rerun_right_after_a_killed_run_names_what_it_left_unfinished(
+    clean: Sandbox, alma: AlmaControl, zephir: ZephirControl
+) -> None:
+    (barcode,) = new_barcodes(1)
+    make_volume(clean.input, barcode)
+    crashed = digifeeds("run", env={"DIGIFEEDS_CRASH_AT": f"delivered:{barcode}"})
+    assert crashed.returncode != 0
+
+    # luigid still counts the killed worker's Delivered as running, for minutes.
+    rerun = digifeeds("run")
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert "0 delivered" in rerun.stdout and "1 unfinished" in rerun.stdout
+    assert "left neither done, waiting nor failed" in rerun.stderr
+    assert barcode in rerun.stderr
+    assert history(barcode)[-1] == "copying_end"
+
+
 @pytest.mark.parametrize("ended", ["delivered", "moving", "done", "copying_end removed"])
 def test_a_zip_put_in_the_input_prefix_after_delivery_is_neither_sent_nor_moved(
     clean: Sandbox, alma: AlmaControl, zephir: ZephirControl, ended: str
