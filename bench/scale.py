@@ -67,11 +67,6 @@ def seed(box: Sandbox, barcodes: list[str]) -> None:
         list(pool.map(put, barcodes))
 
 
-def s3_requests(box: Sandbox) -> list[str]:
-    """Requests the S3 server has answered so far, as "METHOD /path?query"."""
-    return box.s3_requests()
-
-
 def by_kind(requests: list[str]) -> str:
     """Requests counted by kind; a GET of the bucket itself is a listing."""
     kinds: collections.Counter[str] = collections.Counter()
@@ -136,7 +131,7 @@ def measure(size: int, workers: int) -> tuple[dict[str, float], str]:
         alma.clear_requests()
         zephir.clear_requests()
 
-        before = len(s3_requests(box))
+        before = len(box.s3_requests())
         cpu_before = service_cpu(box)
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         seconds, result = run(env, "--hold-days", "0")
@@ -145,7 +140,7 @@ def measure(size: int, workers: int) -> tuple[dict[str, float], str]:
         if result.returncode != 0:
             print(result.stdout, result.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"the run of {size} barcodes failed ({result.returncode})")
-        requests = s3_requests(box)[before:]
+        requests = box.s3_requests()[before:]
         kinds = by_kind(requests)
         figures = {
             "wall": seconds,
@@ -159,9 +154,9 @@ def measure(size: int, workers: int) -> tuple[dict[str, float], str]:
         for name, value in cpu_after.items():
             figures[f"cpu_{name}"] = value - cpu_before.get(name, 0.0)
 
-        before = len(s3_requests(box))
+        before = len(box.s3_requests())
         figures["noop_wall"], again = run(env, "--hold-days", "0")
-        figures["noop_s3"] = len(s3_requests(box)) - before
+        figures["noop_s3"] = len(box.s3_requests()) - before
         if again.returncode != 0 or "0 delivered" not in again.stdout:
             raise SystemExit(f"the no-op rerun did work: {again.stdout}")
 
