@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import datetime as dt
 import fcntl
+import functools
 import logging
 import logging.handlers
 import multiprocessing
@@ -227,7 +228,7 @@ class RunResult:
         failed.update({name: "refused" for name in self.rejected})
         return failed
 
-    @property
+    @functools.cached_property
     def unfinished(self) -> list[str]:
         """This run's barcodes left neither done, waiting nor failed by it.
 
@@ -539,9 +540,7 @@ def read_back(barcodes: list[str]) -> Journal:
     markers = context.markers()
     try:
         listing = markers.list_barcodes(barcodes)
-        wanted = set(barcodes)
-        reached = listing.reached.items()
-        journal = Journal({s: {b: t for b, t in f.items() if b in wanted} for s, f in reached})
+        journal = Journal({status: dict(found) for status, found in listing.reached.items()})
         for barcode in barcodes:
             journal.failures[barcode] = (
                 markers.failure(barcode) if barcode in listing.failed else None
