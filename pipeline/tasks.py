@@ -690,9 +690,8 @@ class Delivered(MarkerTask):
         Returns the ETag of the object delivered, and its size when it was read now.
         """
         markers = context.markers()
-        attempt = utc_now()
-        started = self.record(Status.COPYING_START)
-        resumed = started.timestamp < attempt
+        started, first = markers.record_new(self.barcode, Status.COPYING_START)
+        resumed = not first
         # A copy that starts now cannot have ended before.
         if resumed and markers.exists(self.barcode, Status.COPYING_END):
             return self.delivered_etag(), None

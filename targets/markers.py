@@ -203,8 +203,18 @@ class MarkerStore:
 
         Returns the marker as stored: the earlier one when the status was already there.
         """
+        return self.record_new(barcode, status, **details)[0]
+
+    def record_new(self, barcode: str, status: Status, **details: Any) -> tuple[Marker, bool]:
+        """Record as :meth:`record` does; also tell whether this call wrote the marker.
+
+        False: the status was there already, and the marker returned is that earlier one.
+        """
         marker = Marker(barcode, status, utc_now(), details)
-        if self.storage.put_json(self.key(barcode, status), marker.to_json(), only_if_absent=True):
+        written = self.storage.put_json(
+            self.key(barcode, status), marker.to_json(), only_if_absent=True
+        )
+        if written:
             logger.info("%s: recorded %s", barcode, status)
         else:
             earlier = self.read(barcode, status)
@@ -213,7 +223,7 @@ class MarkerStore:
             marker = earlier
         self._known.add((status, barcode))
         self._journal.reached.setdefault(status, {})[barcode] = marker.timestamp
-        return marker
+        return marker, written
 
     def history(self, barcode: str) -> list[Marker]:
         """Return every status the item has reached, oldest first."""

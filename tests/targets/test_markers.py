@@ -61,6 +61,21 @@ def test_a_status_is_recorded_once_and_keeps_its_first_time(store: MarkerStore) 
     assert [m.status for m in store.history(barcode)] == [Status.NOT_FOUND_IN_ALMA]
 
 
+def test_recording_tells_whether_it_wrote_the_marker_even_within_one_second(
+    store: MarkerStore,
+) -> None:
+    (barcode,) = new_barcodes(1)
+    first, written = store.record_new(barcode, Status.COPYING_START)
+
+    # Another process, in the same second: the marker is there already.
+    again, written_again = MarkerStore(store.storage, "state/").record_new(
+        barcode, Status.COPYING_START
+    )
+
+    assert written is True and written_again is False
+    assert again == first
+
+
 def test_history_is_oldest_first_and_listing_finds_every_barcode(store: MarkerStore) -> None:
     barcodes = new_barcodes(3)
     for barcode in barcodes:
